@@ -107,3 +107,27 @@ def test_long_run_paths_get_a_short_ray_temp_dir(tmp_path):
     assert len(short) <= 44 and os.path.realpath(short) == str(deep.resolve())
     assert short_temp_dir(deep) == short  # stable for the same run
     os.unlink(short)
+
+
+def test_a_ray_started_under_a_long_run_path_removes_its_link_on_close(tmp_path):
+    """In a subprocess: one process can hold one Ray, and this one holds the session's."""
+    import subprocess
+    import sys
+
+    deep = tmp_path / ("y" * 80) / "ray"
+    script = f"""
+import os, pathlib
+from merge3.runtime._executors import RayExecutor, SyntheticFactory
+executor = RayExecutor(SyntheticFactory(["a", "b"], [0.8, 0.4]), actors=1, temp_dir={str(deep)!r})
+link = executor.temp_link
+assert link is not None and os.path.realpath(link) == {str(deep.resolve())!r}, link
+plan = [{{"group": "g0", "method": "m", "params": {{"weights": [0.5, 0.5]}}}}]
+assert dict(executor.submit([plan]))[0].ok
+executor.close()
+assert not os.path.lexists(link)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert any(p.name.startswith("session_") for p in deep.iterdir()), "Ray's files live under the run"

@@ -81,33 +81,31 @@ class LocalExecutor:
         self.workload = None
 
 
-def init_ray(address: str | None = None, temp_dir: str | os.PathLike | None = None, num_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, temp_dir: str | os.PathLike | None = None,
+             num_cpus: int | None = None) -> tuple[bool, str | None]:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray writing only under ``temp_dir``.
 
-    Returns True when this call started Ray (and so should shut it down).
+    Returns whether this call initialised Ray (and so should shut it down), and the temp dir a local Ray was given
+    (a short link when ``temp_dir`` is too long for Ray's sockets; None when connecting to a cluster).
     """
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        if temp_dir is not None:
-            kwargs["_temp_dir"] = short_temp_dir(temp_dir)
-        ray.init(num_cpus=num_cpus, **kwargs)
-    return True
+        return True, None
+    ray_dir = short_temp_dir(temp_dir) if temp_dir is not None else None
+    if ray_dir is not None:
+        kwargs["_temp_dir"] = ray_dir
+    ray.init(num_cpus=num_cpus, **kwargs)
+    return True, ray_dir
 
 
 _UNIX_SOCKET_ROOM = 44  # Ray adds ~62 characters of session and socket names; AF_UNIX paths stop at 107
-
-
-def _link_for(temp_dir) -> str | None:
-    real = Path(temp_dir).resolve()
-    return None if len(str(real)) <= _UNIX_SOCKET_ROOM else short_temp_dir(real)
 
 
 def short_temp_dir(path: str | os.PathLike) -> str:
@@ -166,8 +164,8 @@ class RayExecutor:
                  log=lambda message: None):
         import ray
 
-        self.started_ray = init_ray(address, temp_dir, num_cpus=None)
-        self.temp_link = _link_for(temp_dir) if self.started_ray and temp_dir is not None else None
+        self.started_ray, ray_dir = init_ray(address, temp_dir, num_cpus=None)
+        self.temp_link = ray_dir if ray_dir is not None and Path(ray_dir).is_symlink() else None
         self.log, self.max_retries = log, max_retries
         self.factory, self.num_gpus, self.threads = factory, num_gpus, threads
         self._remote = ray.remote(_ActorBody).options(num_cpus=threads, num_gpus=num_gpus, max_restarts=0)
@@ -230,9 +228,8 @@ class RayExecutor:
         self.actors = []
         if self.started_ray:
             ray.shutdown()
-            link = Path(self.temp_link) if self.temp_link else None
-            if link is not None and link.is_symlink():
-                link.unlink()
+            if self.temp_link is not None:
+                Path(self.temp_link).unlink(missing_ok=True)
 
 
 def make_executor(kind: str, factory: WorkloadFactory, *, actors: int = 1, num_gpus: float = 0.0, threads: int = 1,
