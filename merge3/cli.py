@@ -177,6 +177,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("leaderboard")
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from merge3.models import write_text_atomic
+    from merge3.runs import format_leaderboard, leaderboard, print_leaderboard
+
+    console = _console()
+    frame = leaderboard(args.runs or ["runs"], task=args.task, top=args.top, verified_only=args.verified_only,
+                        baselines=not args.no_baselines, per_run=args.per_run,
+                        log=lambda m: console.print(m, style="dim", markup=False))
+    if args.format == "table":
+        if args.out:
+            raise Merge3Error("--out needs --format csv, markdown, json or html")
+        print_leaderboard(frame, console, task=args.task)
+        return 0
+    text = format_leaderboard(frame, args.format, task=args.task)
+    if args.out:
+        write_text_atomic(Path(args.out), text)
+        console.print(f"leaderboard ({len(frame)} rows) written to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 @command("zoo")
 def cmd_zoo(args: argparse.Namespace) -> int:
     from merge3.zoo import build_digits_zoo, print_zoo_table
@@ -323,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="base model folder or file")
     p.add_argument("models", nargs="+", help="fine-tuned model folders or files")
     p.add_argument("--out", help="folder for CSV tables and PNG heatmaps")
+
+    from merge3.runs import FORMATS
+
+    p = sub.add_parser("leaderboard", help="the best merges across runs, beside the base, endpoints and fixed recipes")
+    p.add_argument("runs", nargs="*", help="run folders or folders of runs (default: runs)")
+    p.add_argument("--format", default="table", choices=FORMATS, help="table (terminal), csv, markdown, json or html")
+    p.add_argument("--out", help="write the csv/markdown/json/html to this file (atomically) instead of stdout")
+    p.add_argument("--task", help="score and sort by this task alone")
+    p.add_argument("--top", type=int, help="keep the best N merges per bank (baselines always stay)")
+    p.add_argument("--per-run", type=int, default=5, help="candidates per single-objective run (default 5)")
+    p.add_argument("--verified-only", action="store_true", help="only merges scored on the full bank")
+    p.add_argument("--no-baselines", action="store_true", help="skip the fixed recipes (scored once, then cached)")
 
     p = sub.add_parser("verify", help="score a run's best candidates on the full bank")
     p.add_argument("run")

@@ -19,8 +19,10 @@ from typing import Any
 from merge3._errors import Merge3Error
 from merge3.methods import get_method
 
-# parameters that the per-endpoint weights already express, so evolving them too would only add redundancy
-_REDUNDANT = {"scale", "alpha"}  # both only rescale what the per-endpoint weights already scale
+# Parameters that the per-endpoint weights already express, so evolving them too would only add redundancy. Not
+# TIES's scale: its disjoint mean divides by the weights' sum, so the weights set only the tasks' balance and the
+# strength needs its own gene.
+_REDUNDANT = {"task_arithmetic": {"scale"}, "dare": {"scale"}, "tsv_merge": {"alpha"}, "linear": {"scale"}}
 SEP = "|"
 
 
@@ -51,11 +53,11 @@ class Genome:
     """Variables of a search space and the decoding of a genome into per-group merge choices.
 
     >>> g = Genome(["layers.0", "layers.1"], ["ties", "task_arithmetic"], n_models=2)
-    >>> sorted(g.variables)[:3]
-    ['layers.0|method', 'layers.0|ties.density', 'layers.0|w0']
+    >>> sorted(g.variables)[:4]
+    ['layers.0|method', 'layers.0|ties.density', 'layers.0|ties.scale', 'layers.0|w0']
     >>> plan = g.decode({**g.midpoint(), "layers.0|method": "ties"})
     >>> plan[0].method, sorted(plan[0].params)
-    ('ties', ['density', 'weights'])
+    ('ties', ['density', 'scale', 'weights'])
     """
 
     def __init__(
@@ -91,7 +93,7 @@ class Genome:
         spec = get_method(method)
         out = {}
         for name, param in spec.params.items():
-            if param.kind != "float" or param.bounds is None or name in _REDUNDANT:
+            if param.kind != "float" or param.bounds is None or name in _REDUNDANT.get(method, ()):
                 continue
             key = f"{method}.{name}"
             low, high = ranges.get(key, param.bounds.search_range)
@@ -121,20 +123,23 @@ class Genome:
         }
 
     def recipes(self, scales: Sequence[float] = (0.3, 0.6, 1.0, 1.5)) -> list[dict[str, Any]]:
-        """The fixed recipes as genomes: every group uses method m with every endpoint weighted s (other
-        parameters mid-range), for each allowed method and scale inside the weight range. Seeding a population with
-        them means the search starts from the best uniform merge instead of having to rediscover it."""
+        """The fixed recipes as genomes: every group uses method m at strength s with equal endpoint weights (other
+        parameters mid-range), for each allowed method and scale inside the range. The strength is the weights
+        themselves, or the method's own ``scale`` gene when it has one (TIES). Seeding a population with them means
+        the search starts from the best uniform merge instead of having to rediscover it."""
         out = []
         for method in self.methods:
+            own_scale = f"{method}.scale"
             for scale in scales:
-                genome = self.midpoint()
+                genome, weight = self.midpoint(), 1.0 if "scale" in self._evolved[method] else scale
                 for name, variable in self.variables.items():
                     if name.endswith(f"{SEP}method"):
                         genome[name] = method
-                    elif isinstance(variable, Real) and SEP + "w" in name and name.rsplit(SEP, 1)[1][1:].isdigit():
-                        if not variable.low <= scale <= variable.high:
+                    elif isinstance(variable, Real) and (name.endswith(SEP + own_scale) or _is_weight(name)):
+                        value = scale if name.endswith(SEP + own_scale) else weight
+                        if not variable.low <= value <= variable.high:
                             break
-                        genome[name] = float(scale)
+                        genome[name] = float(value)
                 else:
                     out.append(genome)
         return out
@@ -149,3 +154,8 @@ class Genome:
     def normalise(self, genome: Mapping[str, Any]) -> dict[str, Any]:
         """Plain Python floats/strings (engines hand out numpy scalars); what goes into evaluations.jsonl."""
         return {k: (str(genome[k]) if isinstance(v, Choice) else float(genome[k])) for k, v in self.variables.items()}
+
+
+def _is_weight(name: str) -> bool:
+    gene = name.rsplit(SEP, 1)[1]
+    return gene[0] == "w" and gene[1:].isdigit()

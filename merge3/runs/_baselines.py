@@ -1,0 +1,148 @@
+"""The fixed recipes a search has to beat, scored on the **full** bank: the base, each endpoint, and uniform task
+arithmetic, TIES, DARE and TSV-Merge with their strength (and density) grid-searched.
+
+Scores are cached in ``<bank>/baselines/<key>.json``, keyed by the bank, the model files (path, size, mtime) and the
+grid, so the leaderboard and the benchmarks pay for them once per zoo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from merge3._errors import Merge3Error
+from merge3.models import weight_files, write_text_atomic
+
+# Uniform recipes at strength λ: every endpoint weighted λ, except TIES, whose disjoint mean divides the weights out
+# (equal weights, its own `scale` = λ). TIES and TSV average over tasks, so their useful λ are larger.
+GRID: dict[str, list[dict]] = {
+    "task_arithmetic": [{"scale": s} for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)],
+    "ties": [{"scale": s, "density": d} for d in (0.2, 0.5, 0.8) for s in (0.3, 0.5, 0.7, 1.0, 1.5)],
+    "dare": [{"scale": s, "drop_rate": p} for p in (0.5, 0.9) for s in (0.2, 0.3, 0.4, 0.6, 0.8)],
+    "tsv_merge": [{"scale": s} for s in (0.5, 1.0, 1.5, 2.0, 2.5)],
+}
+LABEL = {"task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "tsv_merge": "TSV-M", "c2m3": "C2M3"}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One fixed recipe and its full-bank scores."""
+
+    name: str
+    method: str
+    setting: dict
+    scores: dict[str, float]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores.values()) / len(self.scores)
+
+
+def full_bank_factory(config: dict, methods: list[str] | None = None):
+    """A workload factory that scores candidates of a run's (or space's) config on every item of its bank."""
+    from merge3.runtime._workload import MergeWorkloadFactory
+
+    models, genome = config["models"], config["genome"]
+    factory = MergeWorkloadFactory(
+        base=models.get("base"), endpoints=list(models["endpoints"]), bank=config["bank"]["path"],
+        methods=list(methods or genome["methods"]), granularity=genome.get("granularity", "layer"),
+        items_per_task=None, estimator="full", seed=config.get("seed", 0), device=config.get("device", "auto"),
+    )
+    factory._derive()
+    return factory
+
+
+def _recipes(methods: list[str], names: list[str], same_task: bool) -> list[tuple[str, str, dict, dict]]:
+    """(name, method, setting, params) of every recipe to score."""
+    n_models = len(names)
+    if same_task:  # c2m3 candidates are weighted averages of the aligned endpoints
+        one_hot = [(f"endpoint {name}", "c2m3", {"endpoint": i}, {"weights": [float(j == i) for j in range(n_models)]})
+                   for i, name in enumerate(names)]
+        return one_hot + [("C2M3 (uniform average)", "c2m3", {}, {"weights": [1.0] * n_models})]
+    recipes = [("base", "task_arithmetic", {}, {"weights": [0.0] * n_models})]
+    recipes += [(f"endpoint {name}", "task_arithmetic", {"endpoint": i},
+                 {"weights": [float(j == i) for j in range(n_models)]}) for i, name in enumerate(names)]
+    for method in methods:
+        for setting in GRID[method]:
+            own = {k: v for k, v in setting.items() if k != "scale"}
+            if method == "ties":
+                params = {"weights": [1.0] * n_models, "scale": setting["scale"], **own}
+            else:
+                params = {"weights": [setting["scale"]] * n_models, **own}
+            recipes.append((f"{LABEL[method]} {_describe(setting)}", method, setting, params))
+    return recipes
+
+
+def _describe(setting: dict) -> str:
+    short = {"scale": "λ", "density": "density", "drop_rate": "drop"}
+    return ", ".join(f"{short.get(k, k)}={v:g}" for k, v in setting.items())
+
+
+def _cache_key(config: dict, methods: list[str]) -> str:
+    models = config["models"]
+    files = []
+    for path in [models.get("base"), *models["endpoints"]]:
+        if path is not None:
+            files += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(path)]
+    bank = Path(config["bank"]["path"])
+    stamp = [(str(f), f.stat().st_mtime_ns) for f in sorted(bank.glob("*")) if f.is_file()]
+    payload = json.dumps({"files": files, "bank": stamp, "grid": {m: GRID.get(m) for m in methods},
+                          "methods": methods}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def baselines(config: dict, *, methods: list[str] | None = None, log: Callable[[str], None] = print,
+              cache: bool = True) -> list[Baseline]:
+    """Every fixed recipe of ``config``'s models scored on the full bank (cached in the bank folder).
+
+    ``config`` is a run's ``config.yaml`` (or a search space as a dict). For task-vector runs: the base, each
+    endpoint and every grid point of TA/TIES/DARE/TSV-M; for same-task (c2m3) runs: each aligned endpoint and their
+    uniform average. ``best_per_method`` keeps the best grid point of each method.
+    """
+    from merge3.runtime._executors import LocalExecutor
+
+    same_task = "c2m3" in config["genome"]["methods"]
+    methods = ["c2m3"] if same_task else list(methods or GRID)
+    unknown = [m for m in methods if m not in GRID and m != "c2m3"]
+    if unknown:
+        raise Merge3Error(f"no baseline grid for method(s) {unknown} (known: {', '.join(GRID)})")
+    key = _cache_key(config, methods)
+    path = Path(config["bank"]["path"]) / "baselines" / f"{key}.json"
+    if cache and path.exists():
+        return [Baseline(**row) for row in json.loads(path.read_text())["baselines"]]
+    factory = full_bank_factory(config, methods)
+    names = config["models"].get("names") or [Path(p).name for p in config["models"]["endpoints"]]
+    recipes = _recipes([m for m in methods if m != "c2m3"], names, same_task)
+    log(f"scoring {len(recipes)} baseline recipes on the full bank ({factory.bank_items} items each)")
+    executor = LocalExecutor(factory)
+    try:
+        results = dict(executor.submit([[{"group": g, "method": method, "params": params} for g in factory.groups]
+                                        for _, method, _, params in recipes]))
+    finally:
+        executor.close()
+    failed = [(recipes[i][0], r.error) for i, r in results.items() if not r.ok]
+    if failed:
+        raise Merge3Error(f"baseline '{failed[0][0]}' failed: {failed[0][1]}")
+    out = [Baseline(name, method, setting, results[i].scores) for i, (name, method, setting, _) in enumerate(recipes)]
+    if cache:
+        path.parent.mkdir(exist_ok=True)
+        rows = [{"name": b.name, "method": b.method, "setting": b.setting, "scores": b.scores} for b in out]
+        write_text_atomic(path, json.dumps({"models": config["models"], "baselines": rows}, indent=2) + "\n")
+    return out
+
+
+def best_per_method(rows: list[Baseline]) -> list[Baseline]:
+    """The base and endpoints as they are, and the best grid point of each merge method."""
+    kept, best = [], {}
+    for row in rows:
+        if row.name == "base" or row.name.startswith("endpoint"):
+            kept.append(row)
+        elif row.method not in best or row.mean > best[row.method].mean:
+            best[row.method] = row
+    return kept + list(best.values())
+
+
+__all__ = ["Baseline", "baselines", "best_per_method", "full_bank_factory"]

@@ -1,0 +1,260 @@
+"""The leaderboard: the merges worth keeping across runs, beside the fixed recipes they have to beat.
+
+One row per merge: the top candidates of each single-objective run (and every verified one), the Pareto front of
+each multi-objective run, and per bank the base, the endpoints and the best grid point of TA/TIES/DARE/TSV-M (scored
+on the full bank, cached). ``score`` is the full-bank score when the merge was verified, else the estimate.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from merge3._errors import Merge3Error
+from merge3.itembank import ItemBank
+from merge3.runs._baselines import baselines as score_baselines
+from merge3.runs._baselines import best_per_method
+from merge3.runs._run import Run
+
+FORMATS = ("table", "csv", "markdown", "json", "html")
+
+
+def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
+    """Run folders among ``paths``: each path is a run folder or a folder of run folders."""
+    runs = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise Merge3Error(f"'{path}' does not exist")
+        if (path / "run.json").exists():
+            runs.append(Run.open(path))
+        else:
+            runs += [Run.open(p) for p in sorted(path.iterdir()) if (p / "run.json").exists() and (p / "config.yaml").exists()]
+    return runs
+
+
+def verified_scores(run: Run) -> dict:
+    path = run.path / "verified.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _methods(plan: list[dict]) -> str:
+    methods = [g["method"] for g in plan]
+    if len(set(methods)) == 1:
+        return f"{methods[0]} (all {len(methods)} groups)" if len(methods) > 1 else methods[0]
+    return ", ".join(f"{g['group']}={g['method']}" for g in plan)
+
+
+def _params(plan: list[dict]) -> str:
+    def value(v):
+        return "[" + ",".join(f"{x:.2f}" for x in v) + "]" if isinstance(v, list) else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return "; ".join(f"{g['group']}: " + " ".join(f"{k}={value(v)}" for k, v in g["params"].items()) for g in plan)
+
+
+def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:
+    from merge3.search import SearchResult
+
+    records = [r for r in run.records() if r["error"] is None]
+    if not records:
+        return []
+    names = run.config.get("objectives", ["mean"])
+    if len(records[0]["objectives"]) > 1:
+        kept = SearchResult(records, names).pareto()
+    else:
+        kept = sorted(records, key=lambda r: -r["objectives"][0])
+    out, seen = [], set()
+    for record in kept:
+        key = json.dumps(record["genome"], sort_keys=True)
+        if key not in seen and (len(out) < per_run or len(record["objectives"]) > 1):
+            seen.add(key)
+            out.append(record)
+    by_key = {f"{r['generation']}/{r['index']}": r for r in records}
+    out += [by_key[k] for k in verified if k in by_key and by_key[k] not in out]
+    return out
+
+
+def _merge_rows(run: Run, per_run: int) -> list[dict]:
+    meta, config = run.meta, run.config
+    verified = verified_scores(run)
+    rows = []
+    for record in _kept_records(run, per_run, verified):
+        key = f"{record['generation']}/{record['index']}"
+        true = verified.get(key, {}).get("true")
+        row = {
+            "bank": Path(config["bank"]["path"]).name, "kind": "merge", "run": run.path.name,
+            "candidate": f"gen {record['generation']} #{record['index']}", "methods": _methods(record["plan"]),
+            "params": _params(record["plan"]), "verified": true is not None,
+            "estimated_mean": record["mean"], "true_mean": None if true is None else sum(true.values()) / len(true),
+            "items": record["items_evaluated"], "run_items": meta.get("items_evaluated"),
+            "run_full_bank_equivalent": meta.get("full_bank_equivalent"),
+            "objectives": dict(zip(config.get("objectives", []), record["objectives"])),
+            "genome": record["genome"], "plan": record["plan"],
+        }
+        row.update({f"est:{t}": v for t, v in record["scores"].items()})
+        row.update({f"true:{t}": v for t, v in (true or {}).items()})
+        rows.append(row)
+    return rows
+
+
+def _baseline_rows(runs: Sequence[Run], log: Callable[[str], None]) -> list[dict]:
+    rows, done = [], set()
+    for run in runs:
+        config = run.config
+        models = config["models"]
+        same_task = "c2m3" in config["genome"]["methods"]
+        group = (config["bank"]["path"], models.get("base"), tuple(models["endpoints"]), same_task)
+        if group in done:
+            continue
+        done.add(group)
+        try:
+            recipes = best_per_method(score_baselines(config, log=log))
+        except (Merge3Error, OSError) as e:
+            log(f"warning: no baselines for run {run.path.name}: {e}")
+            continue
+        bank_items = len(ItemBank.load(config["bank"]["path"]))
+        for recipe in recipes:
+            merged = recipe.name != "base" and not recipe.name.startswith("endpoint")
+            row = {"bank": Path(config["bank"]["path"]).name, "kind": "baseline", "run": "",
+                   "candidate": recipe.name, "methods": recipe.method if merged else "",
+                   "params": json.dumps(recipe.setting), "verified": True, "estimated_mean": None,
+                   "true_mean": recipe.mean, "items": bank_items}
+            row.update({f"true:{t}": v for t, v in recipe.scores.items()})
+            rows.append(row)
+    return rows
+
+
+def leaderboard(runs: str | os.PathLike | Iterable[str | os.PathLike] = "runs", *, task: str | None = None,
+                top: int | None = None, verified_only: bool = False, baselines: bool = True, per_run: int = 5,
+                log: Callable[[str], None] = lambda message: None) -> pd.DataFrame:
+    """The best merges across runs as a DataFrame, sorted by bank and score (best first).
+
+    ``runs``: run folders or folders of runs. ``task``: score by that task alone. ``top``: keep the best ``top``
+    merges per bank (baselines always stay). ``verified_only``: only merges scored on the full bank (``merge3
+    verify``). ``baselines``: add the base, endpoints and best uniform recipes (computed once, cached in the bank).
+    Columns: bank, kind, run, candidate, methods, params, verified, score, estimated_mean, true_mean, error
+    (estimated − true), items (evaluated for that candidate), ``est:<task>``/``true:<task>``, …
+
+    >>> import merge3
+    >>> merge3.leaderboard("runs").head()  # doctest: +SKIP
+    """
+    paths = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
+    found = find_runs(paths)
+    rows = [row for run in found for row in _merge_rows(run, per_run)]
+    if baselines:
+        rows += _baseline_rows(found, log)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    if task is not None:
+        columns = [c for c in frame.columns if c.startswith(("est:", "true:"))]
+        known = sorted({c.split(":", 1)[1] for c in columns})
+        if task not in known:
+            raise Merge3Error(f"--task '{task}' is not a task of these runs (tasks: {', '.join(known)})")
+    est = frame[f"est:{task}"] if task else frame["estimated_mean"]
+    true = frame[f"true:{task}"] if task else frame["true_mean"]
+    frame["score"] = true.where(true.notna(), est).astype(float)
+    frame["error"] = (frame["estimated_mean"].astype(float) - frame["true_mean"].astype(float))
+    if verified_only:
+        frame = frame[frame["verified"]]
+    frame = frame.sort_values(["bank", "score"], ascending=[True, False], kind="stable")
+    if top is not None:
+        is_merge = frame["kind"] == "merge"
+        rank = frame[is_merge].groupby("bank").cumcount()
+        frame = frame[~is_merge | frame.index.isin(rank[rank < top].index)]
+    first = ["bank", "kind", "run", "candidate", "methods", "score", "verified", "estimated_mean", "true_mean",
+             "error", "items"]
+    rest = [c for c in frame.columns if c not in first]
+    return frame[first + sorted(c for c in rest if ":" in c) + [c for c in rest if ":" not in c]].reset_index(drop=True)
+
+
+# ---- output -----------------------------------------------------------------------------------------------------
+_STRUCTURED = ("objectives", "genome", "plan")
+
+
+def _flat(frame: pd.DataFrame) -> pd.DataFrame:
+    """Nested columns as JSON text, for the flat formats."""
+    out = frame.copy()
+    for column in _STRUCTURED:
+        if column in out:
+            out[column] = out[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else "")
+    return out
+
+
+def _summary_columns(frame: pd.DataFrame, task: str | None) -> list[str]:
+    tasks = [c for c in frame.columns if c.startswith("true:") or c.startswith("est:")]
+    shown = ["bank", "kind", "run", "candidate", "methods", "score", "verified", "estimated_mean", "true_mean",
+             "error", "items"]
+    if task is None:
+        names = list(dict.fromkeys(c.split(":", 1)[1] for c in tasks))
+        shown += [f"true:{t}" for t in names if f"true:{t}" in frame]
+    return [c for c in shown if c in frame]
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    def cell(column, v):
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        if column == "items":
+            return str(int(v))
+        return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row)) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def format_leaderboard(frame: pd.DataFrame, fmt: str, task: str | None = None) -> str:
+    """The leaderboard as csv, markdown (the summary columns), json (every column, records) or html text."""
+    if fmt == "csv":
+        return _flat(frame).to_csv(index=False)
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=2, force_ascii=False) + "\n"
+    if fmt == "markdown":
+        return markdown_table(frame[_summary_columns(frame, task)])
+    if fmt == "html":
+        buffer = io.StringIO()
+        _flat(frame).to_html(buffer, index=False, na_rep="", float_format=lambda v: f"{v:.4f}")
+        return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>merge3 leaderboard</title></head><body>\n"
+                + buffer.getvalue() + "\n</body></html>\n")
+    raise Merge3Error(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+
+
+def print_leaderboard(frame: pd.DataFrame, console, task: str | None = None) -> None:
+    """A rich table of the summary columns, one table per bank."""
+    from rich.table import Table
+
+    if frame.empty:
+        console.print("no runs with successful candidates found")
+        return
+    columns = [c for c in _summary_columns(frame, task) if c != "bank"]
+    for bank, rows in frame.groupby("bank", sort=False):
+        table = Table(title=f"leaderboard — bank {bank}" + (f", task {task}" if task else ""))
+        for column in columns:
+            table.add_column(column.replace("true:", ""), justify="right" if rows[column].dtype.kind in "fi" else "left")
+        for row in rows[columns].itertuples(index=False):
+            table.add_row(*(_cell(c, v) for c, v in zip(columns, row)), style="dim" if row[0] == "baseline" else None)
+        console.print(table)
+
+
+def _cell(column: str, value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "—"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if column == "items":
+        return f"{int(value):,}"
+    if column == "error":
+        return f"{value:+.3f}"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.3f}"
+    return str(value)
+
+
+__all__ = ["FORMATS", "find_runs", "format_leaderboard", "leaderboard", "markdown_table", "print_leaderboard"]
