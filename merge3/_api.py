@@ -130,7 +130,18 @@ def _search_in_run(run: Run, space: SearchSpace, plan: _Plan, replay, executor, 
         executor.close()
         run.close()
     run.finish(result, started)
+    _write_report(run)
     return result
+
+
+def _write_report(run: Run) -> None:
+    """The report is a view of the run: if drawing it fails, say so in the log, never fail the search."""
+    from merge3.runs import write_report
+
+    try:
+        write_report(run.path)
+    except Exception as e:  # noqa: BLE001
+        run.log(f"report.html not written: {type(e).__name__}: {e}")
 
 
 def search(space: SearchSpace | dict | str | os.PathLike, *, objectives: Sequence[ObjectiveSpec] | None = None,
@@ -221,6 +232,7 @@ def verify(run_dir: str | os.PathLike, *, top: int = 3, log=print) -> list[dict]
         log(f"verified gen {record['generation']} #{record['index']}: estimated {record['mean']:.4f}, "
             f"full bank {result.mean:.4f}")
     write_text_atomic(run.path / "verified.json", json.dumps(verified, indent=2) + "\n")
+    _write_report(run)
     return [verified[f"{r['generation']}/{r['index']}"] for r in records]
 
 
@@ -233,10 +245,14 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     """Write the run's rank-``rank`` merge (verified score first, else estimate) as a loadable model folder.
 
     The folder holds sharded safetensors + index, the base's config/tokenizer files, a model card and
-    ``merge3-manifest.json`` (genome, plan, scores, the run, sha256 of every input file).
+    ``merge3-manifest.json`` (genome, plan, scores, the run, sha256 of every input file) and, when every layer
+    group uses the same method and mergekit has it, ``mergekit.yaml`` that reproduces the merge with mergekit.
     """
     from merge3 import __version__
+    import yaml
+
     from merge3.methods import layer_groups, merge_groups, plans_from_choices
+    from merge3.methods._mergekit_export import mergekit_config
     from merge3.models import file_sha256, load_state_dict, save_state_dict, weight_files
 
     run = Run.open(run_dir)
@@ -261,12 +277,23 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
         "estimated_scores": record["scores"], "verified_scores": verified.get(key, {}).get("true"),
         "inputs": {p: {f.name: file_sha256(f) for f in weight_files(p)} for p in [models["base"], *models["endpoints"]]},
     }
+    dtype = next(str(t.dtype).removeprefix("torch.") for t in base.values() if t.is_floating_point())
+    mergekit, why_not = mergekit_config(record["plan"], groups, models["base"], models["endpoints"], dtype)
+    manifest["mergekit_yaml"] = "mergekit.yaml" if mergekit else f"none: {why_not}"
+    extra = {}
+    if mergekit:
+        note = ("# DARE draws its drops from mergekit's own RNG: same distribution, different masks.\n"
+                if mergekit["merge_method"].startswith("dare") else "")
+        extra["mergekit.yaml"] = (f"# This merge as a mergekit config: mergekit-yaml mergekit.yaml OUT (or merge3 merge "
+                                  f"mergekit.yaml --out OUT).\n{note}" + yaml.safe_dump(mergekit, sort_keys=False))
     methods = ", ".join(f"{g['group']}: {g['method']}" for g in record["plan"])
     score = verified.get(key, {}).get("true_mean")
     card = (f"# merge3 merge (rank {rank} of run {run.path.name})\n\n"
             f"Base: `{models['base']}`; endpoints: {', '.join(f'`{p}`' for p in models['endpoints'])}.\n\n"
             f"Methods per layer group: {methods}.\n\nEstimated mean accuracy {record['mean']:.4f}"
             + (f"; full-bank (verified) {score:.4f}" if score is not None else " (not verified)")
-            + ".\n\nThe genome and every parameter are in `merge3-manifest.json`.\n")
+            + ".\n\nThe genome and every parameter are in `merge3-manifest.json`"
+            + ("; `mergekit.yaml` reproduces it with mergekit.\n" if mergekit else ".\n"))
     return save_state_dict(merged, out_dir, copy_from=models["base"],
-                           extra_files={"README.md": card, "merge3-manifest.json": json.dumps(manifest, indent=2) + "\n"})
+                           extra_files={"README.md": card, "merge3-manifest.json": json.dumps(manifest, indent=2) + "\n",
+                                        **extra})

@@ -200,6 +200,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    from merge3.runs import write_report
+
+    _console().print(f"report written to {write_report(args.run)}")
+    return 0
+
+
 @command("zoo")
 def cmd_zoo(args: argparse.Namespace) -> int:
     from merge3.zoo import build_digits_zoo, print_zoo_table
@@ -263,8 +271,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"candidate on the full bank")
     from merge3._api import export
 
+    from merge3.runs import leaderboard, print_leaderboard
+
+    console.rule("leaderboard: this run beside the base, the fine-tunes and the best uniform recipes")
+    board = leaderboard(outcome.run.path, per_run=args.top, log=lambda m: console.print(m, style="dim", markup=False))
+    print_leaderboard(board, console)
     best_merge = export(outcome.run.path, outcome.run.path / "best-merge", rank=1)
-    console.print(f"run folder: {outcome.run.path}\nbest merge (a loadable model folder): {best_merge}")
+    console.print(f"run folder: {outcome.run.path}\nreport: {outcome.run.path / 'report.html'} (PNGs in "
+                  f"{outcome.run.path / 'report'})\nbest merge (a loadable model folder): {best_merge}")
     return 0
 
 
@@ -358,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-run", type=int, default=5, help="candidates per single-objective run (default 5)")
     p.add_argument("--verified-only", action="store_true", help="only merges scored on the full bank")
     p.add_argument("--no-baselines", action="store_true", help="skip the fixed recipes (scored once, then cached)")
+
+    p = sub.add_parser("report", help="(re)write a run's report.html and report/*.png")
+    p.add_argument("run")
 
     p = sub.add_parser("verify", help="score a run's best candidates on the full bank")
     p.add_argument("run")

@@ -249,3 +249,45 @@ def test_mergekit_defaults_apply_when_a_parameter_is_left_out():
     native = MergeConfig.model_validate({"merge_method": "tsv_merge", "base_model": "b", "models": [{"model": "x"}],
                                          "parameters": {"alpha": 0.5}})
     assert merge_params(native) == ("tsv_merge", {"alpha": 0.5, "weights": None})
+
+
+# --- a search's per-group plan as mergekit YAML (what `merge3 export` writes as mergekit.yaml) ------------------------
+GROUP_PLANS = {
+    "task_arithmetic": lambda g: {"weights": [0.2 + 0.3 * g, 1.0 - 0.2 * g], "scale": 0.9},
+    "ties": lambda g: {"weights": [1.0, 0.5 + 0.2 * g], "density": 0.3 + 0.1 * g, "scale": 0.8 + 0.3 * g},
+    "dare": lambda g: {"weights": [0.7 - 0.1 * g, 0.4], "drop_rate": 0.0},
+}
+
+
+@pytest.mark.parametrize("method", list(GROUP_PLANS))
+def test_exported_mergekit_yaml_reproduces_a_per_group_plan(hf_models, tmp_path, method):
+    """Different values per layer group become mergekit filter lists; mergekit-yaml and merge3 merge both rebuild
+    exactly what merge_groups built."""
+    import yaml
+
+    base = load_state_dict(hf_models / "base")
+    models = [load_state_dict(hf_models / m) for m in ("m1", "m2")]
+    groups = mm.layer_groups(base)
+    plan = [{"group": name, "method": method, "params": GROUP_PLANS[method](g)} for g, name in enumerate(groups)]
+    expected = mm.merge_groups(base, models, mm.plans_from_choices(groups, plan))
+    config, why_not = mm.mergekit_config(plan, groups, str(hf_models / "base"),
+                                         [str(hf_models / "m1"), str(hf_models / "m2")], "float32")
+    per_model = [v for m in config["models"] for v in m["parameters"].values()]
+    assert why_not == "" and any(isinstance(v, list) for v in per_model), "per-group values become filter lists"
+    path = tmp_path / "mergekit.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    ours = load_state_dict(merge_from_config(path, tmp_path / "ours"))
+    theirs = _run_mergekit(path, tmp_path / "theirs")
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(ours[key], value, atol=1e-6), key
+            assert torch.allclose(theirs[key], value, atol=1e-6), key
+
+
+def test_plans_mergekit_cannot_express_say_why():
+    groups = {"a": ["a.w"], "b": ["b.w"]}
+    mixed = [{"group": "a", "method": "ties", "params": {"density": 0.5}},
+             {"group": "b", "method": "task_arithmetic", "params": {}}]
+    assert "different methods" in mm.mergekit_config(mixed, groups, "base", ["m"])[1]
+    tsv = [{"group": "a", "method": "tsv_merge", "params": {}}]
+    assert "tsv_merge has no mergekit equivalent" in mm.mergekit_config(tsv, groups, "base", ["m"])[1]

@@ -207,3 +207,132 @@ def test_export_round_trip_scores_what_the_run_verified(digits_zoo, tmp_path):
         export(outcome.run.path, tmp_path / "best")
     with pytest.raises(Merge3Error, match="out of range"):
         export(outcome.run.path, tmp_path / "other", rank=10_000)
+
+
+# --- what a user sees after a search: leaderboard, report, export with mergekit.yaml ---------------------------------
+@pytest.fixture(scope="module")
+def two_runs(digits_zoo, tmp_path_factory):
+    """A single-objective run (two candidates verified) and a multi-objective (per-task, NSGA-II) run."""
+    from merge3._api import verify
+
+    runs = tmp_path_factory.mktemp("runs")
+    single = merge3.search(space_dict(digits_zoo, engine={"generations": 2}), runs_dir=runs, name="single",
+                           progress=False)
+    verify(single.run.path, top=2, log=lambda *a: None)
+    multi = merge3.search(space_dict(digits_zoo, objectives=["per_task"], engine={"algorithm": "nsga2", "generations": 2}),
+                          runs_dir=runs, name="multi", progress=False)
+    return runs, single, multi
+
+
+def test_leaderboard_ranks_merges_of_both_runs_beside_the_baselines(two_runs):
+    runs, single, multi = two_runs
+    frame = merge3.leaderboard(runs)
+    merges, baselines = frame[frame["kind"] == "merge"], frame[frame["kind"] == "baseline"]
+    assert set(merges["run"]) == {"single", "multi"}
+    assert (merges["run"] == "multi").sum() == len({json.dumps(r["genome"], sort_keys=True) for r in multi.result.pareto()})
+    assert {"base", "endpoint ft-upright", "endpoint ft-permuted"} <= set(baselines["candidate"])
+    assert {"task_arithmetic", "ties", "dare", "tsv_merge"} <= set(baselines["methods"])
+    assert list(frame["score"]) == sorted(frame["score"], reverse=True), "best first"
+    verified = merges[merges["verified"]]
+    assert len(verified) == 2 and verified["error"].notna().all()
+    assert (verified["score"] == verified["true_mean"]).all(), "a verified merge is ranked by its full-bank score"
+    # filters
+    assert merge3.leaderboard(runs, verified_only=True, baselines=False)["verified"].all()
+    top = merge3.leaderboard(runs, top=1)
+    assert (top["kind"] == "merge").sum() == 1 and (top["kind"] == "baseline").sum() == len(baselines)
+    by_task = merge3.leaderboard(runs, task="rot90", baselines=False)
+    assert list(by_task["score"]) == sorted(by_task["score"], reverse=True)
+    with pytest.raises(Merge3Error, match="--task 'nope' is not a task"):
+        merge3.leaderboard(runs, task="nope")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "markdown", "json", "html"])
+def test_every_leaderboard_format_parses(two_runs, tmp_path, fmt):
+    import io
+    from html.parser import HTMLParser
+
+    import pandas as pd
+
+    from merge3.cli import main
+
+    runs = two_runs[0]
+    frame = merge3.leaderboard(runs)
+    out = tmp_path / f"board.{fmt}"
+    assert main(["leaderboard", str(runs), "--format", fmt, "--out", str(out)]) == 0
+    text = out.read_text()
+    if fmt == "csv":
+        parsed = pd.read_csv(io.StringIO(text))
+        assert len(parsed) == len(frame) and parsed["score"].tolist() == pytest.approx(frame["score"].tolist())
+    elif fmt == "json":
+        parsed = json.loads(text)
+        assert len(parsed) == len(frame) and parsed[0]["score"] == pytest.approx(frame["score"][0])
+    elif fmt == "markdown":
+        lines = text.strip().splitlines()
+        assert len(lines) == len(frame) + 2 and all(line.startswith("|") and line.endswith("|") for line in lines)
+        cells = {line.count(" | ") for n, line in enumerate(lines) if n != 1}
+        assert len(cells) == 1, "every row has as many cells as the header"
+    else:
+        class Rows(HTMLParser):
+            rows = 0
+
+            def handle_starttag(self, tag, attrs):
+                self.rows += tag == "tr"
+
+        parser = Rows()
+        parser.feed(text)
+        assert parser.rows == len(frame) + 1
+
+
+def _images(page: str) -> list[bytes]:
+    import base64
+    import re
+
+    sources = re.findall(r"<img[^>]*src='([^']*)'", page)
+    assert all(s.startswith("data:image/png;base64,") for s in sources), "self-contained: every image inlined"
+    return [base64.b64decode(s.split(",", 1)[1]) for s in sources]
+
+
+def test_report_is_self_contained_and_every_image_loads(two_runs):
+    import matplotlib.image
+
+    _, single, multi = two_runs
+    for run, expected in ((single.run, {"convergence", "genome", "estimator_error", "cost"}),
+                          (multi.run, {"convergence", "pareto", "genome", "cost"})):
+        page = (run.path / "report.html").read_text()
+        images = _images(page)
+        assert len(images) == len(expected)
+        for png in images:
+            assert png.startswith(b"\x89PNG") and matplotlib.image.imread(io_bytes(png)).shape[0] > 100
+        assert {p.stem for p in (run.path / "report").glob("*.png")} == expected
+
+
+def io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def test_export_writes_mergekit_yaml_that_rebuilds_the_merge(digits_zoo, tmp_path):
+    from merge3._api import export
+    from merge3.methods import merge_from_config
+    from merge3.models import load_state_dict
+
+    space = space_dict(digits_zoo, genome={"methods": ["ties"]}, engine={"generations": 1})
+    outcome = merge3.search(space, runs_dir=tmp_path, name="ties", progress=False)
+    folder = export(outcome.run.path, tmp_path / "best")
+    manifest = json.loads((folder / "merge3-manifest.json").read_text())
+    assert manifest["mergekit_yaml"] == "mergekit.yaml"
+    rebuilt = load_state_dict(merge_from_config(folder / "mergekit.yaml", tmp_path / "rebuilt"))
+    exported = load_state_dict(folder)
+    assert all(torch_allclose(rebuilt[k], v) for k, v in exported.items())
+    tsv = merge3.search(space_dict(digits_zoo, genome={"methods": ["tsv_merge"]}, engine={"generations": 1}),
+                        runs_dir=tmp_path, name="tsv", progress=False)
+    folder = export(tsv.run.path, tmp_path / "tsv-best")
+    assert not (folder / "mergekit.yaml").exists()
+    assert "tsv_merge has no mergekit equivalent" in json.loads((folder / "merge3-manifest.json").read_text())["mergekit_yaml"]
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a.float(), b.float(), atol=1e-6))

@@ -23,6 +23,7 @@ from merge3.methods._registry import (
 from merge3.methods._arithmetic import analogy, linear, task_arithmetic
 from merge3.methods._builder import CandidateBuilder
 from merge3.methods._groups import GroupPlan, layer_groups, merge_groups, plans_from_choices
+from merge3.methods._mergekit_export import mergekit_config
 from merge3.methods._inspect import Inspection, inspect_models, write_heatmap, write_inspection
 from merge3.methods._tsv import singular_task_interference, tsv_compress, tsv_merge
 from merge3.methods._ties_dare import dare, ties

@@ -234,16 +234,23 @@ class atomic_dir:
             self.tmp.rename(self.path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temporary name in the same folder, so readers never see half of it."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """Write a file (text, or bytes) through a temporary name in the same folder, so readers never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file should look like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

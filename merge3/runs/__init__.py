@@ -2,7 +2,8 @@
 
 from merge3.runs._baselines import Baseline, baselines, best_per_method
 from merge3.runs._leaderboard import FORMATS, find_runs, format_leaderboard, leaderboard, print_leaderboard
+from merge3.runs._report import write_report
 from merge3.runs._run import Run
 
 __all__ = ["FORMATS", "Baseline", "Run", "baselines", "best_per_method", "find_runs", "format_leaderboard",
-           "leaderboard", "print_leaderboard"]
+           "leaderboard", "print_leaderboard", "write_report"]

@@ -63,7 +63,7 @@ def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:
     records = [r for r in run.records() if r["error"] is None]
     if not records:
         return []
-    names = run.config.get("objectives", ["mean"])
+    names = run.meta.get("objective_names") or run.config.get("objectives", ["mean"])
     if len(records[0]["objectives"]) > 1:
         kept = SearchResult(records, names).pareto()
     else:
@@ -93,7 +93,7 @@ def _merge_rows(run: Run, per_run: int) -> list[dict]:
             "estimated_mean": record["mean"], "true_mean": None if true is None else sum(true.values()) / len(true),
             "items": record["items_evaluated"], "run_items": meta.get("items_evaluated"),
             "run_full_bank_equivalent": meta.get("full_bank_equivalent"),
-            "objectives": dict(zip(config.get("objectives", []), record["objectives"])),
+            "objectives": dict(zip(meta.get("objective_names") or config.get("objectives", []), record["objectives"])),
             "genome": record["genome"], "plan": record["plan"],
         }
         row.update({f"est:{t}": v for t, v in record["scores"].items()})
