@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -227,20 +228,42 @@ def format_leaderboard(frame: pd.DataFrame, fmt: str, task: str | None = None) -
 
 
 def print_leaderboard(frame: pd.DataFrame, console, task: str | None = None) -> None:
-    """A rich table of the summary columns, one table per bank."""
+    """A rich table per bank: rank, merge, methods, score, estimate, full-bank score, error (estimate − full),
+    items evaluated; per-task full-bank scores too when the terminal is wide enough."""
     from rich.table import Table
 
     if frame.empty:
         console.print("no runs with successful candidates found")
         return
-    columns = [c for c in _summary_columns(frame, task) if c != "bank"]
     for bank, rows in frame.groupby("bank", sort=False):
+        tasks = [c for c in rows.columns if c.startswith("true:")] if task is None else []
+        if console.width < 100 + 8 * len(tasks):
+            tasks = []
         table = Table(title=f"leaderboard — bank {bank}" + (f", task {task}" if task else ""))
-        for column in columns:
-            table.add_column(column.replace("true:", ""), justify="right" if rows[column].dtype.kind in "fi" else "left")
-        for row in rows[columns].itertuples(index=False):
-            table.add_row(*(_cell(c, v) for c, v in zip(columns, row)), style="dim" if row[0] == "baseline" else None)
+        numbers = [("est.", "estimated_mean"), ("full", "true_mean"), ("items", "items")]
+        if console.width >= 100:  # a narrow terminal keeps the estimate and the full-bank score
+            numbers[2:2] = [("error", "error")]
+            numbers.insert(0, ("score", "score"))
+        numbers += [(c.split(":", 1)[1], c) for c in tasks]
+        table.add_column("#", justify="right", no_wrap=True)
+        table.add_column("merge", no_wrap=True, overflow="ellipsis", max_width=30)
+        table.add_column("methods", overflow="fold", min_width=8, max_width=34)
+        for name, _ in numbers:
+            table.add_column(name, justify="right", no_wrap=True, min_width=5)
+        several_runs = rows["run"].replace("", np.nan).nunique() > 1
+        for rank, r in enumerate(rows.to_dict("records"), 1):
+            merge = r["candidate"] if r["kind"] == "baseline" or not several_runs else f"{r['run']} {r['candidate']}"
+            table.add_row(str(rank), merge, _short_methods(r["methods"]), *(_cell(name, r[key]) for name, key in numbers),
+                          style="dim" if r["kind"] == "baseline" else None)
         console.print(table)
+
+
+def _short_methods(methods: str) -> str:
+    from merge3.runs._baselines import LABEL
+
+    for name, label in sorted(LABEL.items(), key=lambda kv: -len(kv[0])):
+        methods = methods.replace(name, label)
+    return re.sub(r" \(all (\d+) groups\)", r" ×\1", methods)
 
 
 def _cell(column: str, value) -> str:
