@@ -7,7 +7,7 @@ method × n items per task: MAE, max error and Spearman of the overall (mean-of-
 
     python bench/estimator_fidelity.py [--bank item_banks/digits] [--zoo zoo/digits] [--run runs/<demo run>]
 
-Writes bench/results/estimator_fidelity.json and prints a table. Target: MAE ≤ 0.02 and Spearman ≥ 0.9 with ≤ 5 %
+Writes bench/results/estimator_fidelity.json and .png (MAE and Spearman vs n) and prints a table. Target: MAE ≤ 0.02 and Spearman ≥ 0.9 with ≤ 5 %
 of the bank (n ≤ 44 per task on the digits bank).
 """
 
@@ -50,6 +50,38 @@ def unseen_plans(groups, n_models: int, n_random: int, run: Path | None, seed: i
     return plans
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """MAE and Spearman vs items per task, one line per estimator, one panel per subset method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subsets = list(dict.fromkeys(r["subset"] for r in rows))
+    fig, axes = plt.subplots(2, len(subsets), figsize=(5 * len(subsets), 6.5), dpi=100, sharex=True, squeeze=False)
+    for col, subset in enumerate(subsets):
+        for k, estimator in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
+            mine = sorted((r for r in rows if r["subset"] == subset and r["estimator"] == estimator), key=lambda r: r["n"])
+            ns = [r["n"] for r in mine]
+            axes[0, col].plot(ns, [r["mae"] for r in mine], marker="o", color=f"C{k}", label=estimator)
+            axes[1, col].plot(ns, [r["spearman"] for r in mine], marker="o", color=f"C{k}", label=estimator)
+        axes[0, col].axhline(0.02, color="grey", linestyle="--", linewidth=1)
+        axes[1, col].axhline(0.9, color="grey", linestyle="--", linewidth=1)
+        axes[0, col].set_title(f"{subset} subsets")
+        axes[0, col].set_ylabel("MAE of mean accuracy")
+        axes[1, col].set_ylabel("Spearman")
+        axes[1, col].set_xlabel("items per task (log)")
+        for ax in axes[:, col]:
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("estimators on unseen merges (dashed: target MAE 0.02, Spearman 0.9)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bank", default="item_banks/digits")
@@ -58,7 +90,11 @@ def main() -> None:
     parser.add_argument("--unseen", type=int, default=60, help="fresh random merges")
     parser.add_argument("--max-search", type=int, default=120, help="at most this many search candidates")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the stored results")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(RESULTS.read_text())["rows"], RESULTS.with_suffix(".png"))
+        return
     torch.set_num_threads(1)
 
     from merge3.itembank import ItemBank, fidelity_benchmark, format_fidelity_table, make_evaluator
@@ -110,6 +146,7 @@ def main() -> None:
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, RESULTS)
+    plot(rows, RESULTS.with_suffix(".png"))
     print(format_fidelity_table(rows))
     met = result["meets_target"]
     print(f"\n{len(plans)} unseen merges (true mean accuracy {truth.min():.3f}–{truth.max():.3f}); "
