@@ -336,3 +336,28 @@ def torch_allclose(a, b) -> bool:
     import torch
 
     return bool(torch.allclose(a.float(), b.float(), atol=1e-6))
+
+
+@pytest.mark.slow
+def test_merge3_demo_command_end_to_end_at_a_tiny_budget(digits_zoo, tmp_path, capsys):
+    """`merge3 demo` on a copy of the zoo: calibrate, search on Ray, verify, leaderboard, report, export."""
+    import shutil
+
+    from merge3.cli import main
+
+    root = digits_zoo.path.parent.parent
+    shutil.copytree(root / "zoo", tmp_path / "zoo")
+    shutil.copytree(root / "item_banks", tmp_path / "item_banks", ignore=shutil.ignore_patterns("calibration", "baselines"))
+    space = yaml.safe_load(open("search_spaces/demo.yaml"))
+    space["engine"].update(population=6, generations=2)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
+    code = main(["demo", "--space", str(tmp_path / "tiny.yaml"), "--zoo-dir", str(tmp_path / "zoo" / "digits"),
+                 "--banks-dir", str(tmp_path / "item_banks"), "--runs-dir", str(tmp_path / "runs"),
+                 "--random-merges", "24", "--top", "2", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "report.html").exists() and (run / "verified.json").exists()
+    assert (run / "best-merge" / "merge3-manifest.json").exists()
+    assert "leaderboard" in out and "TSV-M λ=" in out and str(run / "report.html") in out.replace("\n", "")
+    assert "zoo: cached" in out or "cached" in out, "the copied zoo is reused, not rebuilt"
