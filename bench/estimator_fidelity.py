@@ -14,6 +14,7 @@ of the bank (n ≤ 44 per task on the digits bank).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from merge3.models import write_text_atomic
 
 RESULTS = Path(__file__).parent / "results" / "estimator_fidelity.json"
 TASKS = ["upright", "rot90", "inverted", "flipud", "permuted"]
@@ -77,9 +80,9 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("estimators on unseen merges (dashed: target MAE 0.02, Spearman 0.9)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_text_atomic(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -143,9 +146,7 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
     plot(rows, RESULTS.with_suffix(".png"))
     print(format_fidelity_table(rows))
     met = result["meets_target"]

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from merge3.models import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "merge_ceiling.json"
@@ -110,9 +111,7 @@ def main() -> None:
     doc = {"note": "coefficients fitted on the whole bank (the evaluation items): an optimistic ceiling",
            "steps": args.steps, "results": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_text_atomic(RESULTS, json.dumps(doc, indent=2) + "\n")
     print(f"results: {RESULTS}")
 
 

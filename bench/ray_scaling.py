@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merge3.models import write_text_atomic
+
 RESULTS = Path(__file__).parent / "results" / "ray_scaling.json"
 TASKS = ["upright", "rot90", "inverted", "flipud", "permuted"]
 
@@ -98,9 +100,7 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
     print(f"\n{result['workload']} — {args.candidates} candidates\n")
     print("| executor | start-up (s) | candidates/s | × local | build (ms) | evaluate (ms) |")
     print("|---|---:|---:|---:|---:|---:|")

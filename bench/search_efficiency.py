@@ -19,6 +19,7 @@ Target: ≥ 98 % of full-evolution quality at ≥ 50× fewer items.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from merge3.models import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -142,9 +145,9 @@ def plot(summary: list[dict], baselines: list[dict], path: Path, title: str) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2, title="fitness (○ n=20, □ n=10 items/task)", title_fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_text_atomic(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -188,9 +191,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"search_efficiency{suffix}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     top_recipes = sorted([b for b in best if b["name"] != "base" and not b["name"].startswith("endpoint")],
                          key=lambda b: -b["mean"])
     plot(summary, top_recipes[:2], path.with_suffix(".png"),
