@@ -121,7 +121,15 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             return self._eager[key]
         if key not in self._where:
             raise KeyError(key)
-        return self._open(self._where[key]).get_tensor(key)
+        # A fresh handle per read, dropped at once: a kept handle keeps every page it ever read mapped, so a merge
+        # that streams tensor by tensor would still end up with all its inputs in RSS (bench/merge_memory.py).
+        try:
+            handle = safe_open(str(self._where[key]), framework="pt", device="cpu")
+        except Exception as e:
+            raise Merge3Error(f"cannot read safetensors file '{self._where[key]}': {e}") from None
+        tensor = handle.get_tensor(key)
+        del handle
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
