@@ -1,7 +1,9 @@
 """`make bench`: the fast subset of the benches, in sequence (a few minutes on 2 cores).
 
 1. candidate build speed on a 20M-parameter synthetic model and on the digits zoo (bench/merge_speed.py);
-2. executor scaling on the demo workload (bench/ray_scaling.py).
+2. executor scaling on the demo workload (bench/ray_scaling.py);
+3. peak memory of `merge3 merge` at 256 MiB of inputs (bench/merge_memory.py --quick);
+4. a small full-vs-cheap search comparison (bench/search_efficiency.py --quick, one seed).
 The full-size merge-speed run (100M parameters, minutes) is `python bench/merge_speed.py`.
 """
 
@@ -27,6 +29,8 @@ def main() -> None:
     calibrated = (BANKS / "digits" / "calibration" / "estimator.json").exists()
     run("bench/ray_scaling.py", "--zoo", str(ZOO), "--bank", str(BANKS / "digits"),
         "--estimator", "gp-irt" if calibrated else "naive")
+    run("bench/merge_memory.py", "--quick", "--out", "bench/results/merge_memory_quick.json")
+    run("bench/search_efficiency.py", "--quick", "--seeds", "0", "--estimators", "naive", "gp-irt")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def main() -> None:
     recipes = baselines(space(work, "full", 0), log=print)
     best = [{"name": b.name, "method": b.method, "mean": b.mean, "scores": b.scores} for b in best_per_method(recipes)]
     summary = summarise(rows)
-    suffix = "" if work["name"] == "digits" else f"_{work['name']}"
+    suffix = ("" if work["name"] == "digits" else f"_{work['name']}") + ("_quick" if args.quick else "")
     budget = work["population"] * work["generations"]
     result = {
         "workload": work["name"], "budget_candidates": budget, "items_per_task": args.ns,
