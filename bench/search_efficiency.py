@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--ns", type=int, nargs="+", default=[20, 10], help="items per task for the cheap searches")
     parser.add_argument("--minilm-random-merges", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="a smaller budget, for a smoke run")
+    parser.add_argument("--extend", action="store_true", help="add these seeds to the stored results instead of "
+                                                                "replacing them (same workload and budget)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -169,8 +171,14 @@ def main() -> None:
     started = time.perf_counter()
     work = digits_workload(args) if args.workload == "digits" else minilm_workload(args)
     runs_dir = WORK / work["name"]
-    shutil.rmtree(runs_dir, ignore_errors=True)  # bench scratch, not user runs
+    if not args.extend:
+        shutil.rmtree(runs_dir, ignore_errors=True)  # bench scratch, not user runs
+    suffix = ("" if work["name"] == "digits" else f"_{work['name']}") + ("_quick" if args.quick else "")
+    path = RESULTS / f"search_efficiency{suffix}.json"
     rows = []
+    if args.extend and path.exists():  # keep the stored seeds' runs (same workload and budget), add these seeds
+        stored = json.loads(path.read_text())
+        rows = [r for r in stored["runs"] if r["seed"] not in args.seeds]
     for seed in args.seeds:
         for estimator, n in [("full", None), *((e, n) for n in args.ns for e in args.estimators)]:
             row = run_search(work, estimator, seed, runs_dir, n)
@@ -180,24 +188,22 @@ def main() -> None:
     recipes = baselines(space(work, "full", 0), log=print)
     best = [{"name": b.name, "method": b.method, "mean": b.mean, "scores": b.scores} for b in best_per_method(recipes)]
     summary = summarise(rows)
-    suffix = ("" if work["name"] == "digits" else f"_{work['name']}") + ("_quick" if args.quick else "")
+    seeds = sorted({r["seed"] for r in rows})
     budget = work["population"] * work["generations"]
     result = {
         "workload": work["name"], "budget_candidates": budget, "items_per_task": args.ns,
-        "seeds": args.seeds, "quick": args.quick, "baselines": best, "runs": rows, "summary": summary,
+        "seeds": seeds, "quick": args.quick, "baselines": best, "runs": rows, "summary": summary,
         "target": ">= 98% of full-evolution quality at >= 50x fewer items",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"search_efficiency{suffix}.json"
     write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     top_recipes = sorted([b for b in best if b["name"] != "base" and not b["name"].startswith("endpoint")],
                          key=lambda b: -b["mean"])
     plot(summary, top_recipes[:2], path.with_suffix(".png"),
-         f"{work['name']}: {budget} candidates per search, {len(args.seeds)} seed(s)")
+         f"{work['name']}: {budget} candidates per search, {len(seeds)} seed(s)")
 
-    table = Table(title=f"search efficiency — {work['name']} ({budget} candidates per search, seeds {args.seeds})")
+    table = Table(title=f"search efficiency — {work['name']} ({budget} candidates per search, seeds {seeds})")
     for column in ("fitness", "items / search", "top-1 (full bank)", "top-3 verified", "quality vs full (top-1 / top-3)",
                    "fewer items (top-1 / top-3)", "search s"):
         table.add_column(column, justify="right")
