@@ -216,7 +216,7 @@ def format_leaderboard(frame: pd.DataFrame, fmt: str, task: str | None = None) -
     if fmt == "csv":
         return _flat(frame).to_csv(index=False)
     if fmt == "json":
-        return frame.to_json(orient="records", indent=2, force_ascii=False) + "\n"
+        return "[]\n" if frame.empty else frame.to_json(orient="records", indent=2, force_ascii=False) + "\n"
     if fmt == "markdown":
         return markdown_table(frame[_summary_columns(frame, task)])
     if fmt == "html":
