@@ -86,7 +86,7 @@ def main() -> None:
         accs, loss = [], 0.0
         for t in TASKS:
             h = torch.relu(x[rows[t]] @ w["layers.0.weight"].T + w["layers.0.bias"])
-            logits = (h @ w["layers.1.weight"].T + w["layers.1.bias"]) @ heads[t]["weight"].T + heads[t]["bias"]
+            logits = torch.relu(h @ w["layers.1.weight"].T + w["layers.1.bias"]) @ heads[t]["weight"].T + heads[t]["bias"]
             loss = loss + torch.nn.functional.cross_entropy(logits, y[rows[t]])
             accs.append(float((logits.argmax(-1) == y[rows[t]]).float().mean()))
         return float(np.mean(accs)), loss / len(TASKS)

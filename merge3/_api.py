@@ -81,6 +81,7 @@ def validate(space: SearchSpace, objectives: Sequence[ObjectiveSpec], factory=No
         weight_range=(space.genome.weights.low, space.genome.weights.high),
         ranges={k: (v.low, v.high) for k, v in space.genome.params.items()},
         fixed=space.genome.fixed,
+        row_blocks=space.genome.row_blocks,
     )
     return _Plan(factory, obj, genome)
 

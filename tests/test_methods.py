@@ -444,3 +444,46 @@ def test_bad_input_gives_one_clear_error():
         with pytest.raises((Merge3Error, TypeError), match=message):
             call()
             pytest.fail(f"case {i} did not raise")
+
+
+# --- row-block weights ----------------------------------------------------------------------------------------------
+
+_ROW_BLOCK_METHODS = [
+    ("task_arithmetic", {"scale": 0.8}),
+    ("task_arithmetic", {"normalize": True}),
+    ("ties", {"density": 0.4}),
+    ("ties", {"density": 0.4, "normalize": False}),
+    ("dare", {"drop_rate": 0.5, "seed": 3}),
+    ("dare", {"drop_rate": 0.3, "combine": "ties", "density": 0.6}),
+    ("tsv_merge", {"alpha": 1.2}),
+    ("linear", {}),
+]
+
+
+@pytest.mark.parametrize("method,params", _ROW_BLOCK_METHODS)
+def test_row_block_weights_equal_scalar_weights_block_by_block(gpt2_models, method, params):
+    """Block j of every tensor's rows must be exactly what the same method gives with block j's weights as scalars."""
+    base, models = gpt2_models
+    blocks = [[0.2, 1.0, 0.6], [1.1, 0.0, 0.5], [0.4, 0.7, 1.3]]  # per model, per block
+    weights = [{"row_blocks": b} for b in blocks]
+    builder = mm.CandidateBuilder(base, models)
+    by_rows = mm.merge_groups(base, models, [GroupPlan("all", ["*"], method, {**params, "weights": weights})])
+    _close(dict(builder.build([GroupPlan("all", ["*"], method, {**params, "weights": weights})])), by_rows, atol=2e-6)
+    for j in range(3):
+        scalar = mm.merge_groups(base, models, [GroupPlan("all", ["*"], method,
+                                                          {**params, "weights": [b[j] for b in blocks]})])
+        for key, value in by_rows.items():
+            if not value.is_floating_point() or value.dim() == 0:
+                continue
+            rows = torch.tensor_split(torch.arange(value.shape[0]), 3)[j]
+            assert torch.allclose(value[rows], scalar[key][rows], atol=2e-6), (method, key, j)
+
+
+def test_row_block_sizes_and_scalars():
+    from merge3.methods._params import block_sizes, row_weights
+
+    assert block_sizes(10, 3) == [4, 3, 3] and block_sizes(2, 4) == [1, 1, 0, 0]
+    assert row_weights({"row_blocks": [1.0, 3.0]}, (), "cpu") == 2.0
+    with pytest.raises(Merge3Error, match="per row block"):
+        mm.merge_groups(None, [{"w": torch.ones(2)}] * 2,
+                        [GroupPlan("all", ["*"], "c2m3", {"weights": [{"row_blocks": [1.0]}] * 2})])

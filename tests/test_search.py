@@ -221,3 +221,31 @@ def test_search_matches_stored_results(engine):
         for key, value in s["genome"].items():
             assert g["genome"][key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-9, abs=1e-12))
         assert g["objectives"] == pytest.approx(s["objectives"], rel=1e-9)
+
+
+def test_row_block_genome_decodes_to_row_block_weights():
+    genome = Genome(["g0", "g1"], ["task_arithmetic", "ties"], n_models=2, weight_range=(0.0, 2.0), row_blocks=3)
+    weight_genes = sorted(v for v in genome.variables if "|w" in v)
+    assert weight_genes[:3] == ["g0|w0.0", "g0|w0.1", "g0|w0.2"] and len(weight_genes) == 2 * 2 * 3
+    values = {**genome.midpoint(), "g1|method": "ties", "g1|w1.2": 0.25}
+    plan = genome.decode(values)
+    assert plan[0].params["weights"] == [{"row_blocks": [1.0, 1.0, 1.0]}] * 2
+    assert plan[1].params["weights"][1] == {"row_blocks": [1.0, 1.0, 0.25]}
+    recipes = genome.recipes((0.5, 1.5))
+    ta = [r for r in recipes if r["g0|method"] == "task_arithmetic"]
+    assert [{r[g] for g in weight_genes} for r in ta] == [{0.5}, {1.5}]  # every block of every group at the scale
+    with pytest.raises(Merge3Error, match="row_blocks"):
+        Genome(["g"], ["task_arithmetic"], n_models=2, row_blocks=0)
+    assert parse_space({"name": "x", "models": {"endpoints": ["a"]}, "bank": {"path": "b"},
+                        "genome": {"row_blocks": 16}}, "s.yaml").genome.row_blocks == 16
+    with pytest.raises(Merge3Error, match="genome.row_blocks"):
+        parse_space({"name": "x", "models": {"endpoints": ["a"]}, "bank": {"path": "b"},
+                     "genome": {"row_blocks": 0}}, "s.yaml")
+
+
+def test_mergekit_export_refuses_row_block_weights():
+    from merge3.methods._mergekit_export import mergekit_config
+
+    plan = [{"group": "l.0", "method": "task_arithmetic", "params": {"weights": [{"row_blocks": [0.5, 1.0]}] * 2}}]
+    config, reason = mergekit_config(plan, {"l.0": ["l.0.w"]}, "base", ["a", "b"])
+    assert config is None and "row-block" in reason

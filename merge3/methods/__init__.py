@@ -8,7 +8,7 @@
 True
 """
 
-from merge3.methods._params import LayerValue, layer_positions, resolve
+from merge3.methods._params import ROW_BLOCKS, LayerValue, layer_positions, resolve
 from merge3.methods._registry import (
     Bounds,
     MergeMethod,
@@ -30,6 +30,7 @@ from merge3.methods._ties_dare import dare, ties
 from merge3.methods._yaml_merge import load_config, merge_from_config
 
 __all__ = [
+    "ROW_BLOCKS",
     "Bounds",
     "C2M3Result",
     "CandidateBuilder",

@@ -16,21 +16,26 @@ Weights = Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(-10.0, 10.0,
 Scale = Annotated[LayerValue, Bounds(-10.0, 10.0, search=(0.0, 2.0))]
 
 
-def add_weighted(out: torch.Tensor, anchor: torch.Tensor, deltas: torch.Tensor, coeffs: Sequence[float],
-                 anchor_scale: float = 1.0) -> torch.Tensor:
-    """``out = anchor_scale·anchor + Σ_t coeffs[t]·deltas[t]`` in place: T + 1 memory-bound passes, no allocation."""
-    if anchor_scale == 1.0:
-        out.copy_(anchor)
-    else:
+def add_weighted(out: torch.Tensor, anchor: torch.Tensor, deltas: torch.Tensor, coeffs: Sequence[float | torch.Tensor],
+                 anchor_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``out = anchor_scale·anchor + Σ_t coeffs[t]·deltas[t]`` in place: T + 1 memory-bound passes, no allocation.
+    A coefficient may be a per-row tensor (row-block weights) that broadcasts against the deltas."""
+    if isinstance(anchor_scale, torch.Tensor) or anchor_scale != 1.0:
         torch.mul(anchor, anchor_scale, out=out)
+    else:
+        out.copy_(anchor)
     for delta, c in zip(deltas, coeffs):
-        if c != 0.0:
+        if isinstance(c, torch.Tensor):
+            out.addcmul_(delta, c)
+        elif c != 0.0:
             out.add_(delta, alpha=c)
     return out
 
 
-def safe_divisor(total: float) -> float:
-    """mergekit's guard: a (near) zero sum of weights divides by 1 instead."""
+def safe_divisor(total: float | torch.Tensor) -> float | torch.Tensor:
+    """mergekit's guard: a (near) zero sum of weights divides by 1 instead (per row for row-block weights)."""
+    if isinstance(total, torch.Tensor):
+        return torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
     return 1.0 if abs(total) < 1e-8 else total
 
 

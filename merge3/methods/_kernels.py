@@ -15,7 +15,7 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.methods._inputs import MergeInputs
-from merge3.methods._params import resolve
+from merge3.methods._params import is_row_blocks, resolve, row_weights
 from merge3.methods._registry import MergeMethod, get_method
 
 StateDict = dict[str, torch.Tensor]
@@ -56,17 +56,23 @@ def kernel(name: str, prepare: Callable[..., Any] | None = None):
 
 
 def key_params(method: MergeMethod, params: Mapping[str, Any], key: str, position: float, n_models: int,
-               device: torch.device) -> dict[str, Any]:
-    """The scalars one key gets: per-layer values resolved, per-model values as a list of floats (default ones)."""
+               device: torch.device, shape: Sequence[int] = ()) -> dict[str, Any]:
+    """The scalars one key gets: per-layer values resolved, per-model values as a list of floats (default ones), or
+    of per-row tensors for row-block weights (which is why the key's ``shape`` is needed)."""
     out: dict[str, Any] = {}
     for name, spec in method.params.items():
         value = params.get(name, spec.default)
         if spec.kind == "float" and value is not None:
             value = resolve(value, key, position)
         elif spec.kind == "per_model":
-            value = [1.0] * n_models if value is None else [resolve(v, key, position) for v in value]
+            value = [1.0] * n_models if value is None else [
+                row_weights(v, shape, device) if is_row_blocks(v) else resolve(v, key, position) for v in value]
         out[name] = value
     return out
+
+
+def has_row_blocks(params: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, (list, tuple)) and any(is_row_blocks(x) for x in v) for v in params.values())
 
 
 def check_inputs(base: Mapping[str, torch.Tensor] | None, models: Sequence[Mapping[str, torch.Tensor]],
@@ -93,13 +99,15 @@ def run_method(inputs: MergeInputs, method: str, params: Mapping[str, Any], keys
         raise Merge3Error(f"{method}: needs a base model (task vectors are differences from it)")
     kern = KERNELS.get(method)
     if kern is None:
+        if has_row_blocks(params):
+            raise Merge3Error(f"{method}: merges whole models, so its weights cannot be given per row block")
         _run_whole_model(inputs, spec, params, keys, sink)
         return
     float_keys = [k for k in keys if inputs.is_float(k)]
     device = _device_of(inputs, float_keys)
 
     def params_of(key: str) -> dict[str, Any]:
-        return key_params(spec, params, key, positions.get(key, 0.0), inputs.n_models, device)
+        return key_params(spec, params, key, positions.get(key, 0.0), inputs.n_models, device, inputs.shape(key))
 
     context = kern.prepare(inputs, float_keys, params_of, positions) if kern.prepare else None
     for key in keys:

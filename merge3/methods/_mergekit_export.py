@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from merge3.methods._params import is_row_blocks
+
 _DARE = {"linear": "dare_linear", "ties": "dare_ties"}
 
 
@@ -43,6 +45,8 @@ def mergekit_config(plan: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequ
     >>> config["models"][0]["parameters"], config["models"][1]["parameters"]["weight"][0]
     ({'weight': 0.5}, {'filter': 'l.0.w', 'value': 1.0})
     """
+    if any(is_row_blocks(w) for c in plan for w in c["params"].get("weights") or []):
+        return None, "row-block weights (one per block of output rows) have no mergekit equivalent"
     methods = {_mergekit_method(c) for c in plan}
     if None in methods:
         other = sorted({c["method"] for c in plan if _mergekit_method(c) is None})

@@ -7,6 +7,10 @@ A merge parameter may be given as
 - a mapping from tensor-name pattern to value: the first pattern that matches a key wins. A pattern with a shell
   wildcard (``*?[``) is matched with fnmatch against the whole key, any other pattern as a substring (mergekit's
   ``filter``). ``"*"`` is the usual fallback entry.
+
+A per-model weight may also be ``{"row_blocks": [w_1, …, w_K]}``: each tensor's first dimension (a Linear layer's
+output neurons) is cut into K contiguous, near-equal blocks and block j gets weight w_j — coefficients finer than a
+layer, which a search can evolve (mergekit has no such form, so such merges export without a mergekit.yaml).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
 import numpy as np
+import torch
 
 from merge3._errors import Merge3Error
 
@@ -72,8 +77,40 @@ def resolve(value: LayerValue, key: str, position: float) -> float:
     return float(value)
 
 
+ROW_BLOCKS = "row_blocks"
+
+
+def is_row_blocks(value: object) -> bool:
+    """``{"row_blocks": [numbers…]}``: per-block weights along a tensor's first dimension."""
+    return (isinstance(value, Mapping) and list(value) == [ROW_BLOCKS] and isinstance(value[ROW_BLOCKS], (list, tuple))
+            and len(value[ROW_BLOCKS]) > 0 and all(_is_number(v) for v in value[ROW_BLOCKS]))
+
+
+def block_sizes(rows: int, blocks: int) -> list[int]:
+    """Sizes of ``blocks`` contiguous blocks covering ``rows`` (the first ``rows % blocks`` one longer, as
+    ``torch.tensor_split``; blocks beyond ``rows`` are empty)."""
+    return [rows // blocks + (1 if j < rows % blocks else 0) for j in range(blocks)]
+
+
+def row_weights(value: Mapping[str, Sequence[float]], shape: Sequence[int], device) -> torch.Tensor | float:
+    """A row-block weight as a tensor that broadcasts against a tensor of ``shape`` (one value per row); a 0-d
+    tensor has no rows and takes the blocks' mean.
+
+    >>> row_weights({"row_blocks": [1.0, 2.0]}, (3, 2), "cpu").flatten().tolist()
+    [1.0, 1.0, 2.0]
+    """
+    values = [float(v) for v in value[ROW_BLOCKS]]
+    if not shape:
+        return float(np.mean(values))
+    sizes = torch.tensor(block_sizes(shape[0], len(values)))
+    per_row = torch.repeat_interleave(torch.tensor(values, dtype=torch.float32), sizes)
+    return per_row.to(device).reshape(-1, *([1] * (len(shape) - 1)))
+
+
 def scalars_in(value: LayerValue) -> list[float]:
     """Every scalar a per-layer value can take, for bounds checks."""
+    if is_row_blocks(value):
+        return [float(v) for v in value[ROW_BLOCKS]]
     if isinstance(value, Mapping):
         return [float(v) for v in value.values()]
     if isinstance(value, (list, tuple, np.ndarray)):

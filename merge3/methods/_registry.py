@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from merge3._errors import Merge3Error
-from merge3.methods._params import is_layer_value, scalars_in
+from merge3.methods._params import is_layer_value, is_row_blocks, scalars_in
 
 StateDict = dict[str, torch.Tensor]
 _INPUTS = ("base", "models")
@@ -137,7 +137,7 @@ def _check_value(method: str, spec: MethodParam, value: Any, n_models: int | Non
     elif spec.kind == "per_model":
         if value is None:
             return None
-        if not isinstance(value, (list, tuple)) or not all(is_layer_value(v) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(is_layer_value(v) or is_row_blocks(v) for v in value):
             raise Merge3Error(f"{method}: parameter '{name}' must be a list with one value per model, got {value!r}")
         if n_models is not None and len(value) != n_models:
             raise Merge3Error(f"{method}: parameter '{name}' has {len(value)} values for {n_models} models")

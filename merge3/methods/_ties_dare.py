@@ -74,7 +74,8 @@ def elect_and_merge(inputs: MergeInputs, work: torch.Tensor, weights: Sequence[f
     for t, w in enumerate(weights):
         row = work[t].mul_(sign).clamp_(min=0.0)  # |value| where it agrees with the elected sign, else 0
         if divisor is not None:
-            divisor.add_(torch.sign(row, out=out), alpha=w)  # `out` is free until the final sum
+            torch.sign(row, out=out)  # `out` is free until the final sum
+            divisor.addcmul_(out, w) if isinstance(w, torch.Tensor) else divisor.add_(out, alpha=w)
     torch.sum(work, dim=0, out=out).mul_(sign)
     if divisor is not None:
         # mergekit's guard: a zero divisor divides by 1 (d + [d = 0]; `sign` is free now)
@@ -189,8 +190,11 @@ def _dare_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.
             return
         out.copy_(inputs.anchor32(key))
         for t, x in enumerate(w):
-            if x != 0.0:
-                out.addcmul_(deltas[t], keep[t], value=factor * x * rescale)
+            coefficient = factor * x * rescale
+            if isinstance(coefficient, torch.Tensor):  # row-block weights
+                out.add_(keep[t] * deltas[t] * coefficient)
+            elif coefficient != 0.0:
+                out.addcmul_(deltas[t], keep[t], value=coefficient)
         return
     if keep is not None:
         deltas = keep.mul_(deltas).mul_(rescale)  # the dropped, rescaled task vectors, in the mask's buffer

@@ -46,7 +46,9 @@ def _tsv_merge_key(inputs: MergeInputs, key: str, p: dict, context: None, out: t
     anchor = inputs.anchor32(key)
     if not is_tsv_key(key, inputs.shape(key)):
         add_weighted(out, anchor, inputs.deltas(key), [alpha * x / inputs.n_models for x in w])
-    elif inputs.caching:  # the builder: per-task components precomputed, a build is a weighted sum
+    elif inputs.caching or any(isinstance(x, torch.Tensor) for x in w):
+        # the builder (per-task components precomputed, a build is a weighted sum) or row-block weights, which
+        # scale rows of each task's component rather than its singular values
         add_weighted(out, anchor, inputs.tsv_components(key), [alpha * x for x in w])
     else:
         weights = torch.tensor(w, dtype=torch.float32, device=anchor.device)

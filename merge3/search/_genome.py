@@ -3,6 +3,8 @@
 For every layer group g there is
 - ``g|method``: the merge method of that group (a choice among the allowed methods; omitted when only one);
 - ``g|w<i>``: the weight of endpoint i in that group (used by every method: task-vector scale, soup weight, …);
+  with ``row_blocks = K > 1``, K weights ``g|w<i>.<j>``, one per contiguous block of each tensor's rows (output
+  neurons), which gives the search coefficients finer than a layer;
 - ``g|<method>.<param>``: each continuous parameter of each allowed method (density, drop_rate, alpha, …), within the
   registry's search range unless the space overrides it.
 
@@ -12,12 +14,13 @@ Variables of methods a group did not choose are carried but ignored, so crossove
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from merge3._errors import Merge3Error
-from merge3.methods import get_method
+from merge3.methods import ROW_BLOCKS, get_method
 
 # Parameters that the per-endpoint weights already express, so evolving them too would only add redundancy. Not
 # TIES's scale: its disjoint mean divides by the weights' sum, so the weights set only the tasks' balance and the
@@ -68,10 +71,13 @@ class Genome:
         weight_range: tuple[float, float] = (0.0, 1.5),
         ranges: Mapping[str, tuple[float, float]] | None = None,
         fixed: Mapping[str, Any] | None = None,
+        row_blocks: int = 1,
     ):
         if not groups:
             raise Merge3Error("genome: no layer groups (does the base model have floating-point weights?)")
-        self.groups, self.methods, self.n_models = list(groups), list(methods), n_models
+        if row_blocks < 1:
+            raise Merge3Error(f"genome.row_blocks: must be at least 1, got {row_blocks}")
+        self.groups, self.methods, self.n_models, self.row_blocks = list(groups), list(methods), n_models, row_blocks
         self.fixed = dict(fixed or {})
         self._evolved = {m: self._evolved_params(m, dict(ranges or {})) for m in self.methods}
         self._weighted = {m for m in self.methods if "weights" in get_method(m).params}
@@ -83,7 +89,8 @@ class Genome:
             if len(self.methods) > 1:
                 self.variables[f"{g}{SEP}method"] = Choice(tuple(self.methods))
             for i in range(n_models):
-                self.variables[f"{g}{SEP}w{i}"] = Real(*weight_range)
+                for name in self._weight_genes(g, i):
+                    self.variables[name] = Real(*weight_range)
             for m, params in self._evolved.items():
                 for p, (low, high) in params.items():
                     self.variables[f"{g}{SEP}{m}.{p}"] = Real(low, high)
@@ -111,10 +118,19 @@ class Genome:
             method = str(genome[f"{g}{SEP}method"]) if len(self.methods) > 1 else self.methods[0]
             params: dict[str, Any] = {p: float(genome[f"{g}{SEP}{method}.{p}"]) for p in self._evolved[method]}
             if method in self._weighted:
-                params["weights"] = [float(genome[f"{g}{SEP}w{i}"]) for i in range(self.n_models)]
+                params["weights"] = [self._weight(genome, g, i) for i in range(self.n_models)]
             params.update({k.split(".", 1)[1]: v for k, v in self.fixed.items() if k.startswith(f"{method}.")})
             plan.append(GroupChoice(g, method, params))
         return plan
+
+    def _weight_genes(self, group: str, model: int) -> list[str]:
+        if self.row_blocks == 1:
+            return [f"{group}{SEP}w{model}"]
+        return [f"{group}{SEP}w{model}.{j}" for j in range(self.row_blocks)]
+
+    def _weight(self, genome: Mapping[str, Any], group: str, model: int) -> float | dict[str, list[float]]:
+        values = [float(genome[name]) for name in self._weight_genes(group, model)]
+        return values[0] if self.row_blocks == 1 else {ROW_BLOCKS: values}
 
     def midpoint(self) -> dict[str, Any]:
         """A valid genome in the middle of every range (first option of every choice): handy for tests and seeds."""
@@ -157,5 +173,4 @@ class Genome:
 
 
 def _is_weight(name: str) -> bool:
-    gene = name.rsplit(SEP, 1)[1]
-    return gene[0] == "w" and gene[1:].isdigit()
+    return re.fullmatch(r"w\d+(\.\d+)?", name.rsplit(SEP, 1)[1]) is not None

@@ -60,6 +60,7 @@ class GenomeConfig(_Strict):
     granularity: Literal[GRANULARITIES] = "block"  # type: ignore[valid-type]
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "tsv_merge"], min_length=1)
     weights: Range = Range(low=0.0, high=1.5)
+    row_blocks: int = Field(1, ge=1, le=1024, description="weights per group and endpoint, one per block of rows")
     params: dict[str, Range] = Field(default_factory=dict, description="'method.param' → search range override")
     fixed: dict[str, Any] = Field(default_factory=dict, description="'method.param' → fixed value (e.g. dare.seed)")
 
