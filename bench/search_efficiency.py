@@ -10,9 +10,13 @@ each for several seeds. The number reported for a search is the **full-bank** sc
 candidate by the search's own fitness ("top-1"), and the best of its top 3 after verifying them on the full bank
 ("top-3 verified", what `merge3 demo` does; 3 more full-bank evaluations).
 
-    python bench/search_efficiency.py [--workload digits|minilm] [--seeds 0 1 2] [--quick]
+    python bench/search_efficiency.py [--workload digits|minilm] [--genome layer|rows] [--seeds 0 1 2] [--quick]
 
-Writes bench/results/search_efficiency[_minilm].json and .png (quality vs items evaluated) and prints a table.
+``--genome rows`` searches the finer space instead: one TSV weight per task and block of 64 output neurons
+(``row_blocks: 16``, 160 coefficients on the digits encoder) with CMA-ES, instead of one weight per task and layer
+plus a method choice with the GA.
+
+Writes bench/results/search_efficiency[_minilm][_rows].json and .png (quality vs items evaluated) and prints a table.
 Target: ≥ 98 % of full-evolution quality at ≥ 50× fewer items.
 """
 
@@ -75,9 +79,11 @@ def space(work: dict, estimator: str, seed: int, n: int | None = None) -> dict:
         "models": {"base": work["base"], "endpoints": work["endpoints"], "names": work["names"]},
         "bank": {"path": work["bank"], "estimator": estimator, "items_per_task": None if full else n or work["items_per_task"],
                  "subset": "random" if estimator == "naive" else "anchor"},
-        "genome": {"granularity": "layer", "methods": work["methods"], "weights": work["weights"]},
+        "genome": {"granularity": "layer", "methods": work["methods"], "weights": work["weights"],
+                   "row_blocks": work.get("row_blocks", 1)},
         "objectives": ["mean"],
-        "engine": {"name": "pymoo", "population": work["population"], "generations": work["generations"]},
+        "engine": {**work.get("engine", {"name": "pymoo"}), "population": work["population"],
+                   "generations": work["generations"]},
         "executor": {"kind": "local"},
     }
 
@@ -157,6 +163,8 @@ def main() -> None:
     parser.add_argument("--estimators", nargs="+", default=ESTIMATORS)
     parser.add_argument("--ns", type=int, nargs="+", default=[20, 10], help="items per task for the cheap searches")
     parser.add_argument("--minilm-random-merges", type=int, default=30)
+    parser.add_argument("--genome", choices=["layer", "rows"], default="layer",
+                        help="rows: 16 row blocks per layer, TSV only, CMA-ES (digits)")
     parser.add_argument("--quick", action="store_true", help="a smaller budget, for a smoke run")
     parser.add_argument("--extend", action="store_true", help="add these seeds to the stored results instead of "
                                                                 "replacing them (same workload and budget)")
@@ -170,6 +178,9 @@ def main() -> None:
 
     started = time.perf_counter()
     work = digits_workload(args) if args.workload == "digits" else minilm_workload(args)
+    if args.genome == "rows":
+        work.update(name=f"{work['name']}_rows", methods=["tsv_merge"], weights={"low": 0.0, "high": 3.0},
+                    row_blocks=16, engine={"name": "optuna", "algorithm": "cmaes"})
     runs_dir = WORK / work["name"]
     if not args.extend:
         shutil.rmtree(runs_dir, ignore_errors=True)  # bench scratch, not user runs

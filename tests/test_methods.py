@@ -487,3 +487,15 @@ def test_row_block_sizes_and_scalars():
     with pytest.raises(Merge3Error, match="per row block"):
         mm.merge_groups(None, [{"w": torch.ones(2)}] * 2,
                         [GroupPlan("all", ["*"], "c2m3", {"weights": [{"row_blocks": [1.0]}] * 2})])
+
+
+def test_tsv_is_unique_when_task_blocks_are_dependent():
+    """Rows no task updated (dead units) make the concatenated singular vectors dependent; the orthogonalisation
+    must then not depend on which null-space basis LAPACK returns: float32 and float64 give the same merge."""
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(4, 64, 64, generator=g, dtype=torch.float64)
+    deltas[:, :12] = 0.0  # 12 dead rows: 4 tasks × 16 kept triplets = 64 columns in a 52-dimensional span
+    merged = [tsv_factors(deltas.to(dtype)).weighted(torch.ones(4, dtype=dtype)).double()
+              for dtype in (torch.float64, torch.float32)]
+    assert torch.allclose(merged[0], merged[1], atol=1e-4)
+    assert merged[0][:12].abs().max() < 1e-6  # nothing leaks into the rows no task touched

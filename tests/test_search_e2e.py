@@ -361,3 +361,32 @@ def test_merge3_demo_command_end_to_end_at_a_tiny_budget(digits_zoo, tmp_path, c
     assert (run / "best-merge" / "merge3-manifest.json").exists()
     assert "leaderboard" in out and "TSV-M λ=" in out and str(run / "report.html") in out.replace("\n", "")
     assert "zoo: cached" in out or "cached" in out, "the copied zoo is reused, not rebuilt"
+
+
+def test_row_block_space_searches_builds_and_exports_what_it_scored(digits_zoo, tmp_path):
+    """The shipped row-block space (CMA-ES over per-block TSV weights): recorded scores are what the merge gets when
+    rebuilt by the pure functions, and the export explains why it has no mergekit.yaml."""
+    from merge3._api import export
+    from merge3.itembank import ItemBank, make_evaluator
+    from merge3.methods import layer_groups, merge_groups, plans_from_choices
+    from merge3.models import load_model, load_state_dict
+    from merge3.search import load_space
+
+    space = load_space("search_spaces/digits_rows.yaml").model_dump(mode="json")
+    space["models"] = {"base": str(digits_zoo.base), "endpoints": [str(p) for p in digits_zoo.finetuned.values()]}
+    space["bank"].update(path=str(digits_zoo.bank), estimator="full", items_per_task=None)
+    space["engine"].update(population=6, generations=2)
+    space["executor"] = {"kind": "local"}
+    outcome = merge3.search(space, runs_dir=tmp_path, name="rows", progress=False)
+    best = outcome.best
+    assert all(set(w) == {"row_blocks"} and len(w["row_blocks"]) == 16 for g in best["plan"] for w in g["params"]["weights"])
+    base = load_state_dict(digits_zoo.base)
+    fts = [load_state_dict(p) for p in digits_zoo.finetuned.values()]
+    merged = merge_groups(base, fts, plans_from_choices(layer_groups(base), best["plan"]))
+    model = load_model(digits_zoo.base)
+    model.load_state_dict(merged)
+    bank = ItemBank.load(digits_zoo.bank)
+    assert bank.per_task_accuracy(make_evaluator(bank)(model)) == pytest.approx(best["scores"], abs=1e-9)
+    folder = export(outcome.run.path, tmp_path / "best", rank=1)
+    assert not (folder / "mergekit.yaml").exists()
+    assert "row-block" in json.dumps(json.loads((folder / "merge3-manifest.json").read_text()))

@@ -8,8 +8,9 @@
 True
 """
 
-from merge3.methods._params import ROW_BLOCKS, LayerValue, layer_positions, resolve
+from merge3.methods._params import ROW_BLOCKS, LayerValue, is_row_blocks, layer_positions, mean_weight, resolve
 from merge3.methods._registry import (
+    MERGES_REVISION,
     Bounds,
     MergeMethod,
     PerModel,
@@ -30,6 +31,7 @@ from merge3.methods._ties_dare import dare, ties
 from merge3.methods._yaml_merge import load_config, merge_from_config
 
 __all__ = [
+    "MERGES_REVISION",
     "ROW_BLOCKS",
     "Bounds",
     "C2M3Result",
@@ -39,6 +41,7 @@ __all__ = [
     "analogy",
     "dare",
     "inspect_models",
+    "is_row_blocks",
     "layer_groups",
     "linear",
     "merge_groups",
@@ -60,6 +63,7 @@ __all__ = [
     "get_method",
     "infer_mlp_spec",
     "layer_positions",
+    "mean_weight",
     "list_methods",
     "load_config",
     "merge_from_config",

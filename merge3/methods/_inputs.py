@@ -60,9 +60,9 @@ class TSVFactors:
     """One 2-D key's TSV decomposition: ``τ_TSV = U⊥ diag(s) V⊥ᵀ``, where slot j belongs to task ``owner[j]``
     (-1 for the zero padding when T·k < r)."""
 
-    u_perp: torch.Tensor  # m × r, orthonormal columns
+    u_perp: torch.Tensor  # m × r, orthonormal columns (a partial isometry when the task blocks are dependent)
     s: torch.Tensor  # r
-    vh_perp: torch.Tensor  # r × n, orthonormal rows
+    vh_perp: torch.Tensor  # r × n, orthonormal rows (likewise)
     owner: torch.Tensor  # r, long
 
     def weighted(self, weights: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,17 @@ def tsv_factors(deltas: torch.Tensor, rank: int | None = None) -> TSVFactors:
 
 
 def _nearest_orthonormal(x: torch.Tensor) -> torch.Tensor:
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    """``P Qᵀ`` from the SVD ``P Σ Qᵀ``, over the singular values that are not numerically zero.
+
+    When the concatenated blocks are linearly dependent (in practice: neurons that no task updated, e.g. dead ReLU
+    units, leave task vectors with shared zero rows), the full ``P Qᵀ`` is not unique: its null-space part is
+    whatever basis LAPACK returns, so the merge changes with the machine and the precision. The official code has
+    that ambiguity; keeping only the numerical range (the nearest partial isometry) is unique, and equals ``P Qᵀ``
+    whenever the blocks are independent.
+    """
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    rank = int((s > s[0] * max(x.shape) * torch.finfo(s.dtype).eps).sum()) if s.numel() else 0
+    return p[:, :rank] @ qh[:rank]
 
 
 class MergeInputs:

@@ -107,6 +107,11 @@ def row_weights(value: Mapping[str, Sequence[float]], shape: Sequence[int], devi
     return per_row.to(device).reshape(-1, *([1] * (len(shape) - 1)))
 
 
+def mean_weight(value: object) -> float:
+    """A per-model weight as one number: itself, or the mean of its row blocks (for tables and plots)."""
+    return float(np.mean(value[ROW_BLOCKS])) if is_row_blocks(value) else float(value)
+
+
 def scalars_in(value: LayerValue) -> list[float]:
     """Every scalar a per-layer value can take, for bounds checks."""
     if is_row_blocks(value):

@@ -37,6 +37,11 @@ from merge3.methods._params import is_layer_value, is_row_blocks, scalars_in
 StateDict = dict[str, torch.Tensor]
 _INPUTS = ("base", "models")
 
+# Bump when a merge method's output changes for the same inputs, so that scores cached from merges (baselines,
+# IRT calibration) are recomputed instead of silently describing the old merges.
+# 2: TSV's orthogonalisation keeps only the numerical range (unique when task blocks are dependent).
+MERGES_REVISION = 2
+
 
 @dataclass(frozen=True)
 class Bounds:

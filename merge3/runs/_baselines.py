@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merge3._errors import Merge3Error
+from merge3.methods import MERGES_REVISION
 from merge3.models import weight_files, write_text_atomic
 
 # Uniform recipes at strength λ: every endpoint weighted λ, except TIES, whose disjoint mean divides the weights out
@@ -90,7 +91,7 @@ def _cache_key(config: dict, methods: list[str]) -> str:
     bank = Path(config["bank"]["path"])
     stamp = [(str(f), f.stat().st_mtime_ns) for f in sorted(bank.glob("*")) if f.is_file()]
     payload = json.dumps({"files": files, "bank": stamp, "grid": {m: GRID.get(m) for m in methods},
-                          "methods": methods}, sort_keys=True)
+                          "methods": methods, "merges_revision": MERGES_REVISION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

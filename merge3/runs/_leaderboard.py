@@ -19,6 +19,7 @@ import pandas as pd
 
 from merge3._errors import Merge3Error
 from merge3.itembank import ItemBank
+from merge3.methods import ROW_BLOCKS, is_row_blocks, mean_weight
 from merge3.runs._baselines import baselines as score_baselines
 from merge3.runs._baselines import best_per_method
 from merge3.runs._run import Run
@@ -52,8 +53,11 @@ def _methods(plan: list[dict]) -> str:
 
 
 def _params(plan: list[dict]) -> str:
+    def one(x):  # a row-block weight shows as its mean and its number of blocks
+        return f"{mean_weight(x):.2f}" + (f"/{len(x[ROW_BLOCKS])}rows" if is_row_blocks(x) else "")
+
     def value(v):
-        return "[" + ",".join(f"{x:.2f}" for x in v) + "]" if isinstance(v, list) else f"{v:.3g}" if isinstance(v, float) else str(v)
+        return "[" + ",".join(map(one, v)) + "]" if isinstance(v, list) else f"{v:.3g}" if isinstance(v, float) else str(v)
 
     return "; ".join(f"{g['group']}: " + " ".join(f"{k}={value(v)}" for k, v in g["params"].items()) for g in plan)
 

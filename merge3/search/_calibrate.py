@@ -20,7 +20,7 @@ import torch
 from merge3._errors import Merge3Error
 from merge3.itembank import ItemBank, make_evaluator
 from merge3.itembank._estimators import Estimator
-from merge3.methods import CandidateBuilder, layer_groups, plans_from_choices
+from merge3.methods import MERGES_REVISION, CandidateBuilder, layer_groups, plans_from_choices
 from merge3.models import atomic_dir, check_compatible, file_sha256, load_model, load_state_dict, weight_files
 from merge3.search._genome import Genome
 
@@ -71,7 +71,7 @@ def calibrate_bank(bank_path: str | Path, base: str, endpoints: list[str], setti
     names = names or [Path(p).name for p in endpoints]
     fingerprint = _fingerprint(base, endpoints)
     folder = calibration_path(bank_path)
-    wanted = {"settings": _jsonable_settings(settings), "inputs": fingerprint}
+    wanted = {"settings": _jsonable_settings(settings), "inputs": fingerprint, "merges_revision": MERGES_REVISION}
     if not force and (folder / "calibration.json").exists():
         stored = json.loads((folder / "calibration.json").read_text())
         if {k: stored.get(k) for k in wanted} == wanted:
