@@ -167,3 +167,18 @@ def test_state_dict_hash_changes_with_any_byte():
     assert mm.state_dict_sha256(a) == mm.state_dict_sha256(b)
     b["layers.0.bias"][0] += 1e-6
     assert mm.state_dict_sha256(a) != mm.state_dict_sha256(b)
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Temp files and folders are private (0600/0700) while written; the finished ones follow the umask."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        with mm.atomic_dir(tmp_path / "out") as tmp:
+            mm.write_text_atomic(tmp / "a.json", "{}")
+        assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+        assert stat.S_IMODE((tmp_path / "out" / "a.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(mask)

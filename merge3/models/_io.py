@@ -227,6 +227,7 @@ class atomic_dir:
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any mkdir'd folder
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
