@@ -30,22 +30,12 @@ TASKS = ["upright", "rot90", "inverted", "flipud", "permuted"]
 
 
 def tsv_components(deltas: torch.Tensor) -> torch.Tensor:
-    """TSV-M's per-task parts of one 2-D key (T × m × n): top r/T triplets per task, orthogonalised jointly."""
-    T, m, n = deltas.shape
-    k = min(m, n) // T
-    us, ss, vs = [], [], []
-    for t in range(T):
-        u, s, vh = torch.linalg.svd(deltas[t], full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vs.append(vh[:k].T)
+    """TSV-M's per-task parts of one 2-D key (T × m × n), exactly as merge3 builds them."""
+    from merge3.methods._inputs import tsv_factors
 
-    def orthogonal(x):
-        p, _, q = torch.linalg.svd(x, full_matrices=False)
-        return p @ q
-
-    u, v = orthogonal(torch.cat(us, 1)), orthogonal(torch.cat(vs, 1))
-    return torch.stack([(u[:, t * k:(t + 1) * k] * ss[t]) @ v[:, t * k:(t + 1) * k].T for t in range(T)])
+    factors = tsv_factors(deltas)
+    return torch.stack([(factors.u_perp[:, factors.owner == t] * factors.s[factors.owner == t])
+                        @ factors.vh_perp[factors.owner == t] for t in range(deltas.shape[0])])
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ candidate by the search's own fitness ("top-1"), and the best of its top 3 after
     python bench/search_efficiency.py [--workload digits|minilm] [--genome layer|rows] [--seeds 0 1 2] [--quick]
 
 ``--genome rows`` searches the finer space instead: one TSV weight per task and block of 64 output neurons
-(``row_blocks: 16``, 160 coefficients on the digits encoder) with CMA-ES, instead of one weight per task and layer
-plus a method choice with the GA.
+(``row_blocks: 16``, 160 coefficients on the digits encoder) with merge3's CMA-ES, instead of one weight per task
+and layer plus a method choice with the GA.
 
 Writes bench/results/search_efficiency[_minilm][_rows].json and .png (quality vs items evaluated) and prints a table.
 Target: ≥ 98 % of full-evolution quality at ≥ 50× fewer items.
@@ -180,7 +180,7 @@ def main() -> None:
     work = digits_workload(args) if args.workload == "digits" else minilm_workload(args)
     if args.genome == "rows":
         work.update(name=f"{work['name']}_rows", methods=["tsv_merge"], weights={"low": 0.0, "high": 3.0},
-                    row_blocks=16, engine={"name": "optuna", "algorithm": "cmaes"})
+                    row_blocks=16, engine={"name": "cmaes"})
     runs_dir = WORK / work["name"]
     if not args.extend:
         shutil.rmtree(runs_dir, ignore_errors=True)  # bench scratch, not user runs

@@ -249,3 +249,44 @@ def test_mergekit_export_refuses_row_block_weights():
     plan = [{"group": "l.0", "method": "task_arithmetic", "params": {"weights": [{"row_blocks": [0.5, 1.0]}] * 2}}]
     config, reason = mergekit_config(plan, {"l.0": ["l.0.w"]}, "base", ["a", "b"])
     assert config is None and "row-block" in reason
+
+
+def _quadratic_search(seed=0, generations=8, executor=None, recorder=None, replay=None):
+    """One real method (no choice): the CMA-ES engine's kind of space."""
+    genome = Genome(["g0", "g1"], ["_synthetic_soft"], n_models=3, weight_range=(0.0, 1.5))
+    obj = Objectives(["mean"], TASKS)
+    eng = make_engine("cmaes", genome.variables, 1, 8, generations, seed, initial=genome.recipes((0.3, 1.0)))
+    return Search(genome, eng, executor or SyntheticExecutor(), obj, recorder=recorder, replay=replay, bank_items=100)
+
+
+def test_cmaes_engine_starts_from_the_recipes_improves_and_is_deterministic():
+    a, b = _quadratic_search().run(), _quadratic_search().run()
+    assert strip(a.records) == strip(b.records)
+    assert strip(a.records) != strip(_quadratic_search(seed=1).run().records)
+    first = [r for r in a.records if r["generation"] == 0]
+    assert len(first) == 3  # the centre of the box and the two recipes
+    later = [r for r in a.records if r["generation"] == 1]
+    assert len(later) == 8  # 7 samples + the mean
+    best_first = max(r["objectives"][0] for r in first)
+    best = a.best()["objectives"][0]
+    assert best > best_first + 0.05 and best > 0.97  # the optimum is 1.0 (every weight at TARGET)
+
+
+def test_cmaes_engine_resumes_by_replay(tmp_path):
+    full = _quadratic_search().run()
+    partial = {(r["generation"], r["index"]): r for r in full.records if r["generation"] < 3}
+    executor = SyntheticExecutor()
+    resumed = _quadratic_search(replay=partial, executor=executor).run()
+    assert executor.calls == len(full.records) - len(partial)
+    assert strip(resumed.records) == strip(full.records)
+
+
+def test_cmaes_engine_refuses_choices_and_several_objectives():
+    genome = Genome(["g"], ["_synthetic_sharp", "_synthetic_soft"], n_models=2)
+    with pytest.raises(Merge3Error, match="'g\\|method' is a choice"):
+        make_engine("cmaes", genome.variables, 1, 8, 2, 0)
+    single = Genome(["g"], ["_synthetic_soft"], n_models=2)
+    with pytest.raises(Merge3Error, match="one objective"):
+        make_engine("cmaes", single.variables, 2, 8, 2, 0)
+    with pytest.raises(Merge3Error, match="at least 4"):
+        make_engine("cmaes", single.variables, 1, 3, 2, 0)

@@ -146,7 +146,10 @@ class OptunaEngine:
         samplers = {
             "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=population),
             "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=population),
-            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=0),
+            # the first population is the recipes plus independent draws (no trial is complete yet): say so once,
+            # in the docs, not in a warning per parameter and trial
+            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=0,
+                                                          warn_independent_sampling=False),
             "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         }
         if algorithm not in samplers:
@@ -191,6 +194,71 @@ class OptunaEngine:
         self._pending = []
 
 
+class CmaEngine:
+    """CMA-ES (the ``cmaes`` library) on a genome of real variables, through ask/tell.
+
+    Generation 0 evaluates the initial genomes (the uniform recipes) and the centre of the box; CMA-ES then starts
+    from the best of them, with σ = 1/6 of every range (it works in the unit cube, so ranges of different widths
+    move alike). Each later generation is ``population − 1`` samples plus the distribution's current **mean**, which
+    the samples never hit but which is where CMA-ES believes the optimum is — late in a run it is often the best
+    candidate there is. Only the samples are told back to CMA-ES.
+    """
+
+    name = "cmaes"
+
+    def __init__(self, variables: Mapping[str, Real | Choice], n_obj: int, population: int, generations: int,
+                 seed: int, initial: Sequence[Mapping[str, Any]] = ()):
+        if n_obj > 1:
+            raise Merge3Error(f"engine.name: 'cmaes' optimises one objective, the space has {n_obj} (use pymoo nsga2)")
+        choices = [k for k, v in variables.items() if isinstance(v, Choice)]
+        if choices:
+            raise Merge3Error(f"engine.name: 'cmaes' needs real variables only, '{choices[0]}' is a choice "
+                              "(allow one method, or use pymoo)")
+        if population < 4:
+            raise Merge3Error(f"engine.population: 'cmaes' needs at least 4 candidates per generation, got {population}")
+        self.names = list(variables)
+        self.low = np.array([variables[k].low for k in self.names])
+        self.high = np.array([variables[k].high for k in self.names])
+        self.population, self.generations, self.seed = population, generations, seed
+        start = [np.full(len(self.names), 0.5)] + [self._unit(g) for g in initial]
+        self._first = list({tuple(np.round(z, 12)): z for z in start}.values())  # without duplicates
+        self._cma = None
+        self._generation = 0
+        self._pending: list[np.ndarray] = []
+
+    def _unit(self, genome: Mapping[str, Any]) -> np.ndarray:
+        return np.clip((np.array([float(genome[k]) for k in self.names]) - self.low) / (self.high - self.low), 0, 1)
+
+    def _genome(self, z: np.ndarray) -> dict[str, float]:
+        return {k: float(v) for k, v in zip(self.names, self.low + np.clip(z, 0, 1) * (self.high - self.low))}
+
+    @property
+    def done(self) -> bool:
+        return self._generation >= self.generations
+
+    def ask(self) -> list[dict[str, Any]]:
+        if self._cma is None:
+            self._pending = list(self._first)
+        else:
+            self._pending = [self._cma.ask() for _ in range(self._cma.population_size)] + [self._cma.mean.copy()]
+        return [self._genome(z) for z in self._pending]
+
+    def tell(self, genomes: Sequence[Mapping[str, Any]], F: np.ndarray) -> None:
+        import cmaes
+
+        F = np.asarray(F, dtype=float).reshape(len(genomes), -1)[:, 0]
+        if len(genomes) != len(self._pending):
+            raise RuntimeError("tell() must answer the last ask() in full")
+        if self._cma is None:
+            best = self._pending[int(np.argmin(F))]
+            self._cma = cmaes.CMA(mean=best, sigma=1 / 6, bounds=np.array([[0.0, 1.0]] * len(self.names)),
+                                  seed=self.seed, population_size=self.population - 1)
+        else:
+            self._cma.tell([(z, float(f)) for z, f in zip(self._pending[:-1], F[:-1])])  # failures come as WORST
+        self._generation += 1
+        self._pending = []
+
+
 def make_engine(name: str, variables, n_obj: int, population: int, generations: int, seed: int,
                 algorithm: str = "auto", storage: str | Path | None = None,
                 initial: Sequence[Mapping[str, Any]] = ()) -> Engine:
@@ -199,4 +267,6 @@ def make_engine(name: str, variables, n_obj: int, population: int, generations: 
         return PymooEngine(variables, n_obj, population, generations, seed, algorithm, initial)
     if name == "optuna":
         return OptunaEngine(variables, n_obj, population, generations, seed, algorithm, storage, initial=initial)
-    raise Merge3Error(f"engine.name: unknown engine '{name}' (pymoo or optuna)")
+    if name == "cmaes":
+        return CmaEngine(variables, n_obj, population, generations, seed, initial)
+    raise Merge3Error(f"engine.name: unknown engine '{name}' (pymoo, optuna or cmaes)")

@@ -66,7 +66,7 @@ class GenomeConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    name: Literal["pymoo", "optuna"] = "pymoo"
+    name: Literal["pymoo", "optuna", "cmaes"] = "pymoo"
     algorithm: Literal["auto", "ga", "nsga2", "tpe", "cmaes", "random"] = "auto"
     population: int = Field(16, ge=2)
     generations: int = Field(10, ge=1)
