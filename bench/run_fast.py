@@ -3,7 +3,8 @@
 1. candidate build speed on a 20M-parameter synthetic model and on the digits zoo (bench/merge_speed.py);
 2. executor scaling on the demo workload (bench/ray_scaling.py);
 3. peak memory of `merge3 merge` at 256 MiB of inputs (bench/merge_memory.py --quick);
-4. a small full-vs-cheap search comparison (bench/search_efficiency.py --quick, one seed).
+4. a small full-vs-cheap search comparison (bench/search_efficiency.py --quick, one seed), per layer and per row
+   block.
 The full-size merge-speed run (100M parameters, minutes) is `python bench/merge_speed.py`.
 """
 
@@ -31,6 +32,7 @@ def main() -> None:
         "--estimator", "gp-irt" if calibrated else "naive")
     run("bench/merge_memory.py", "--quick", "--out", "bench/results/merge_memory_quick.json")
     run("bench/search_efficiency.py", "--quick", "--seeds", "0", "--estimators", "naive", "gp-irt")
+    run("bench/search_efficiency.py", "--quick", "--genome", "rows", "--seeds", "0", "--estimators", "naive")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--minilm-random-merges", type=int, default=30)
     parser.add_argument("--genome", choices=["layer", "rows"], default="layer",
                         help="rows: 16 row blocks per layer, TSV only, CMA-ES (digits)")
+    parser.add_argument("--generations", type=int, default=None,
+                        help="override the workload's generations (results get a _g<N> suffix)")
     parser.add_argument("--quick", action="store_true", help="a smaller budget, for a smoke run")
     parser.add_argument("--extend", action="store_true", help="add these seeds to the stored results instead of "
                                                                 "replacing them (same workload and budget)")
@@ -181,6 +183,8 @@ def main() -> None:
     if args.genome == "rows":
         work.update(name=f"{work['name']}_rows", methods=["tsv_merge"], weights={"low": 0.0, "high": 3.0},
                     row_blocks=16, engine={"name": "cmaes"})
+    if args.generations:
+        work.update(name=f"{work['name']}_g{args.generations}", generations=args.generations)
     runs_dir = WORK / work["name"]
     if not args.extend:
         shutil.rmtree(runs_dir, ignore_errors=True)  # bench scratch, not user runs
@@ -200,7 +204,7 @@ def main() -> None:
     best = [{"name": b.name, "method": b.method, "mean": b.mean, "scores": b.scores} for b in best_per_method(recipes)]
     summary = summarise(rows)
     seeds = sorted({r["seed"] for r in rows})
-    budget = work["population"] * work["generations"]
+    budget = max(r["candidates"] for r in rows)  # population × generations, less for CMA-ES's small first generation
     result = {
         "workload": work["name"], "budget_candidates": budget, "items_per_task": args.ns,
         "seeds": seeds, "quick": args.quick, "baselines": best, "runs": rows, "summary": summary,
