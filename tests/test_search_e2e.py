@@ -168,6 +168,17 @@ def test_demo_space_with_irt_fitness_end_to_end(calibrated_zoo, tmp_path):
     assert (outcome.run.path / "verified.json").exists()
 
 
+def test_calibration_cache_is_keyed_by_model_contents_not_paths(calibrated_zoo):
+    from merge3.search._calibrate import CalibrationSettings, calibrate_bank
+
+    settings = CalibrationSettings(random_merges=40, ns=[20], dims=5, subset_methods=["random", "anchor-irt"])
+    messages = []
+    calibrate_bank(calibrated_zoo.bank, os.path.relpath(calibrated_zoo.base),
+                   [os.path.relpath(p) for p in calibrated_zoo.finetuned.values()], settings,
+                   names=list(calibrated_zoo.finetuned), log=messages.append)
+    assert len(messages) == 1 and "cached" in messages[0]
+
+
 def test_uncalibrated_subset_size_is_a_clear_error(calibrated_zoo, tmp_path):
     with pytest.raises(Merge3Error, match="no random subset with n=7 per task"):
         merge3.search(space_dict(calibrated_zoo, bank={"estimator": "gp-irt", "items_per_task": 7}),

@@ -43,7 +43,9 @@ class CalibrationSettings:
 
 
 def _fingerprint(base: str, endpoints: list[str]) -> dict:
-    return {p: [file_sha256(f) for f in weight_files(p)] for p in [base, *endpoints]}
+    """The models' contents, not their paths: the same models named by relative or absolute paths hit the cache."""
+    return {"base": [file_sha256(f) for f in weight_files(base)],
+            "endpoints": [[file_sha256(f) for f in weight_files(p)] for p in endpoints]}
 
 
 def calibration_path(bank_path: str | Path) -> Path:
