@@ -33,9 +33,7 @@ def tsv_components(deltas: torch.Tensor) -> torch.Tensor:
     """TSV-M's per-task parts of one 2-D key (T × m × n), exactly as merge3 builds them."""
     from merge3.methods._inputs import tsv_factors
 
-    factors = tsv_factors(deltas)
-    return torch.stack([(factors.u_perp[:, factors.owner == t] * factors.s[factors.owner == t])
-                        @ factors.vh_perp[factors.owner == t] for t in range(deltas.shape[0])])
+    return tsv_factors(deltas).components(deltas.shape[0])
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ candidate by the search's own fitness ("top-1"), and the best of its top 3 after
 (``row_blocks: 16``, 160 coefficients on the digits encoder) with merge3's CMA-ES, instead of one weight per task
 and layer plus a method choice with the GA.
 
-Writes bench/results/search_efficiency[_minilm][_rows].json and .png (quality vs items evaluated) and prints a table.
+Writes bench/results/search_efficiency[_minilm|_digits_rows][_g<N>].json and .png (quality vs items evaluated) and prints a table.
 Target: ≥ 98 % of full-evolution quality at ≥ 50× fewer items.
 """
 

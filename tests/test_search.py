@@ -290,3 +290,5 @@ def test_cmaes_engine_refuses_choices_and_several_objectives():
         make_engine("cmaes", single.variables, 2, 8, 2, 0)
     with pytest.raises(Merge3Error, match="at least 4"):
         make_engine("cmaes", single.variables, 1, 3, 2, 0)
+    with pytest.raises(Merge3Error, match="engine.algorithm: the 'cmaes' engine has no algorithm 'ga'"):
+        make_engine("cmaes", single.variables, 1, 8, 2, 0, algorithm="ga")

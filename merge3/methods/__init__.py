@@ -8,7 +8,7 @@
 True
 """
 
-from merge3.methods._params import ROW_BLOCKS, LayerValue, is_row_blocks, layer_positions, mean_weight, resolve
+from merge3.methods._params import ROW_BLOCKS, LayerValue, has_row_blocks, is_row_blocks, layer_positions, mean_weight, resolve
 from merge3.methods._registry import (
     MERGES_REVISION,
     Bounds,
@@ -40,6 +40,7 @@ __all__ = [
     "Inspection",
     "analogy",
     "dare",
+    "has_row_blocks",
     "inspect_models",
     "is_row_blocks",
     "layer_groups",

@@ -65,6 +65,11 @@ class TSVFactors:
     vh_perp: torch.Tensor  # r × n, orthonormal rows (likewise)
     owner: torch.Tensor  # r, long
 
+    def components(self, n_tasks: int) -> torch.Tensor:
+        """Each task's share ``U⊥_t diag(s_t) V⊥_tᵀ``, stacked (T × m × n); zeros for a task without slots."""
+        return torch.stack([(self.u_perp[:, self.owner == t] * self.s[self.owner == t]) @ self.vh_perp[self.owner == t]
+                            for t in range(n_tasks)])
+
     def weighted(self, weights: torch.Tensor) -> torch.Tensor:
         """U⊥ diag(w_owner · s) V⊥ᵀ: every task's singular values scaled by its weight."""
         coeffs = self.s * _per_slot(weights, self.owner)
@@ -283,13 +288,9 @@ class MergeInputs:
         return self._remember(("tsv_components", key), lambda: self._tsv_components(key))
 
     def _tsv_components(self, key: str) -> torch.Tensor:
-        factors = self.tsv(key)
-        out = []
-        for t in range(self.n_models):
-            slots = factors.owner == t
-            out.append((factors.u_perp[:, slots] * factors.s[slots]) @ factors.vh_perp[slots, :])
+        components = self.tsv(key).components(self.n_models)
         self.forget_one(("tsv", key))  # the components replace the factors
-        return torch.stack(out)
+        return components
 
     def forget_one(self, name: tuple) -> None:
         if self._cache is not None:

@@ -15,7 +15,7 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.methods._inputs import MergeInputs
-from merge3.methods._params import is_row_blocks, resolve, row_weights
+from merge3.methods._params import has_row_blocks, is_row_blocks, resolve, row_weights
 from merge3.methods._registry import MergeMethod, get_method
 
 StateDict = dict[str, torch.Tensor]
@@ -69,10 +69,6 @@ def key_params(method: MergeMethod, params: Mapping[str, Any], key: str, positio
                 row_weights(v, shape, device) if is_row_blocks(v) else resolve(v, key, position) for v in value]
         out[name] = value
     return out
-
-
-def has_row_blocks(params: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, (list, tuple)) and any(is_row_blocks(x) for x in v) for v in params.values())
 
 
 def check_inputs(base: Mapping[str, torch.Tensor] | None, models: Sequence[Mapping[str, torch.Tensor]],

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from merge3.methods._params import is_row_blocks
+from merge3.methods._params import has_row_blocks
 
 _DARE = {"linear": "dare_linear", "ties": "dare_ties"}
 
@@ -45,7 +45,7 @@ def mergekit_config(plan: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequ
     >>> config["models"][0]["parameters"], config["models"][1]["parameters"]["weight"][0]
     ({'weight': 0.5}, {'filter': 'l.0.w', 'value': 1.0})
     """
-    if any(is_row_blocks(w) for c in plan for w in c["params"].get("weights") or []):
+    if any(has_row_blocks(c["params"]) for c in plan):
         return None, "row-block weights (one per block of output rows) have no mergekit equivalent"
     methods = {_mergekit_method(c) for c in plan}
     if None in methods:

@@ -86,6 +86,11 @@ def is_row_blocks(value: object) -> bool:
             and len(value[ROW_BLOCKS]) > 0 and all(_is_number(v) for v in value[ROW_BLOCKS]))
 
 
+def has_row_blocks(params: Mapping[str, object]) -> bool:
+    """Whether any per-model parameter of a method's ``params`` is given per row block."""
+    return any(isinstance(v, (list, tuple)) and any(is_row_blocks(x) for x in v) for v in params.values())
+
+
 def block_sizes(rows: int, blocks: int) -> list[int]:
     """Sizes of ``blocks`` contiguous blocks covering ``rows`` (the first ``rows % blocks`` one longer, as
     ``torch.tensor_split``; blocks beyond ``rows`` are empty)."""

@@ -192,7 +192,7 @@ def _dare_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.
         for t, x in enumerate(w):
             coefficient = factor * x * rescale
             if isinstance(coefficient, torch.Tensor):  # row-block weights
-                out.add_(keep[t] * deltas[t] * coefficient)
+                out.addcmul_(deltas[t] * coefficient, keep[t])
             elif coefficient != 0.0:
                 out.addcmul_(deltas[t], keep[t], value=coefficient)
         return

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merge3.methods import is_row_blocks, mean_weight
+from merge3.methods import has_row_blocks, mean_weight
 from merge3.models import write_text_atomic
 from merge3.runs._leaderboard import verified_scores
 from merge3.runs._run import Run
@@ -91,7 +91,7 @@ def genome_plot(record: dict, endpoint_names: list[str]) -> bytes:
     plan = record["plan"]
     weights = np.array([[mean_weight(w) for w in g["params"].get("weights", [np.nan] * len(endpoint_names))]
                         for g in plan], dtype=float)
-    row_blocks = any(is_row_blocks(w) for g in plan for w in g["params"].get("weights", []))
+    row_blocks = any(has_row_blocks(g["params"]) for g in plan)
     fig, ax = _figure(max(5.0, 1.1 * len(endpoint_names) + 3), max(2.5, 0.45 * len(plan) + 1.5))
     image = ax.imshow(weights, aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax, label="endpoint weight" + (" (mean over row blocks)" if row_blocks else ""))

@@ -268,5 +268,7 @@ def make_engine(name: str, variables, n_obj: int, population: int, generations: 
     if name == "optuna":
         return OptunaEngine(variables, n_obj, population, generations, seed, algorithm, storage, initial=initial)
     if name == "cmaes":
+        if algorithm not in ("auto", "cmaes"):
+            raise Merge3Error(f"engine.algorithm: the 'cmaes' engine has no algorithm '{algorithm}' (leave it 'auto')")
         return CmaEngine(variables, n_obj, population, generations, seed, initial)
     raise Merge3Error(f"engine.name: unknown engine '{name}' (pymoo, optuna or cmaes)")
