@@ -42,12 +42,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     from rich.table import Table
 
-    from merge3.itembank import HF_CLASS_FOR, ItemBank, make_evaluator
-    from merge3.models import load_model
+    from merge3.itembank import ItemBank, load_model_for, make_evaluator
 
     bank = ItemBank.load(args.bank)
     device = resolve_device(args.device)
-    model = load_model(args.model, device=device, hf_class=HF_CLASS_FOR[bank.spec.evaluator.kind])
+    model = load_model_for(bank, args.model, device=device)
     evaluator = make_evaluator(bank, device=device, tokenizer_from=args.model)
     accuracy = bank.per_task_accuracy(evaluator(model))
     table = Table(title=f"{Path(args.model).name} on {bank.name} ({len(bank)} items)")

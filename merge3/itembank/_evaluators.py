@@ -289,3 +289,14 @@ def make_evaluator(bank: ItemBank, device: str | torch.device = "cpu", tokenizer
 
 HF_CLASS_FOR = {"classifier": "AutoModel", "text_classifier": "AutoModel", "multiple_choice": "AutoModelForCausalLM",
                 "generation": "AutoModelForCausalLM"}
+
+
+def load_model_for(bank: ItemBank, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The runnable module at ``path`` in the class the bank's evaluator needs (classifier encoder, text encoder or
+    causal LM): the one loading path of search workers, calibration, verify, baselines and ``merge3 eval``.
+
+    >>> model = load_model_for(ItemBank.load("item_banks/digits"), "zoo/digits/base")  # doctest: +SKIP
+    """
+    from merge3.models import load_model
+
+    return load_model(path, device=device, hf_class=HF_CLASS_FOR[bank.spec.evaluator.kind])

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from merge3._errors import Merge3Error
-from merge3.itembank import HF_CLASS_FOR, ItemBank, make_evaluator
+from merge3.itembank import ItemBank, load_model_for, make_evaluator
 from merge3.methods import CandidateBuilder, align_to_universe, c2m3, layer_groups, mlp_spec, plans_from_choices
 from merge3.methods._params import layer_index
-from merge3.models import check_compatible, check_finite, load_model, load_state_dict, open_lazy, read_config
+from merge3.models import check_compatible, check_finite, load_state_dict, open_lazy, read_config
 from merge3.runtime._result import CandidateResult
 
 
@@ -111,8 +111,7 @@ class MergeWorkload:
         self.device = resolve_device(factory.device)
         template = factory.base or factory.endpoints[0]
         bank = ItemBank.load(factory.bank)
-        hf_class = HF_CLASS_FOR[bank.spec.evaluator.kind]
-        self.module = load_model(template, device=self.device, hf_class=hf_class) if read_config(template) else None
+        self.module = load_model_for(bank, template, device=self.device) if read_config(template) else None
         if self.module is None:
             raise Merge3Error(f"'{template}' has no config.json: the search needs a runnable model folder")
         self.builder = CandidateBuilder(inputs["base"], inputs["endpoints"], device=self.device)

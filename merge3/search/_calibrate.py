@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from merge3._errors import Merge3Error
-from merge3.itembank import ItemBank, make_evaluator
+from merge3.itembank import ItemBank, load_model_for, make_evaluator
 from merge3.itembank._estimators import Estimator
 from merge3.methods import MERGES_REVISION, CandidateBuilder, layer_groups, plans_from_choices
-from merge3.models import atomic_dir, check_compatible, file_sha256, load_model, load_state_dict, weight_files
+from merge3.models import atomic_dir, check_compatible, file_sha256, load_state_dict, weight_files
 from merge3.search._genome import Genome
 
 CALIBRATION_DIR = "calibration"
@@ -121,7 +121,7 @@ def response_matrix_for(bank: ItemBank, base: str, endpoints: list[str], names: 
     groups = layer_groups(base_sd, settings.granularity)
     genome = Genome(list(groups), settings.methods, len(models), weight_range=settings.weight_range,
                     fixed={"dare.seed": settings.seed} if "dare" in settings.methods else None)
-    module = load_model(base, device=device)
+    module = load_model_for(bank, base, device=device)
     builder = CandidateBuilder(base_sd, models, device=device)
     destination = {k: v for k, v in module.state_dict().items() if k in builder.keys}
     evaluate = make_evaluator(bank, device=device, tokenizer_from=base)
