@@ -79,8 +79,8 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from merge3.runtime._executors import LocalExecutor, RayExecutor
-    from merge3.runtime._workload import MergeWorkloadFactory
+    from merge3.runtime import LocalExecutor, RayExecutor
+    from merge3.runtime import MergeWorkloadFactory
     from merge3.search import parse_space
 
     raw = demo_space(Path(args.zoo).resolve(), Path(args.bank).resolve(), args.estimator)

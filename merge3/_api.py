@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from merge3._errors import Merge3Error
-from merge3.models import write_text_atomic
+from merge3.itembank import ItemBank
 from merge3.runs import Run
-from merge3.runtime import CandidateResult
-from merge3.runtime._executors import make_executor
-from merge3.search import Genome, Objectives, Search, SearchResult, SearchSpace, load_space, make_engine, parse_space
-from merge3.search._progress import QuietProgress, RichProgress
+from merge3.runtime import CandidateResult, EvalRequest, LocalExecutor, MergeWorkloadFactory, make_executor
+from merge3.search import (
+    Genome,
+    Objectives,
+    QuietProgress,
+    RichProgress,
+    Search,
+    SearchResult,
+    SearchSpace,
+    load_space,
+    make_engine,
+    make_fitness,
+    parse_space,
+)
 
 ObjectiveSpec = str | Callable[[CandidateResult], float]
 
@@ -68,13 +78,15 @@ class _Plan:
     factory: Any
     objectives: Objectives
     genome: Genome
+    fitness: Any = None
 
 
 def validate(space: SearchSpace, objectives: Sequence[ObjectiveSpec], factory=None) -> _Plan:
     """Build what the search needs from the space, failing on bad input before any run folder or worker exists."""
-    from merge3.runtime._workload import MergeWorkloadFactory
-
     factory = factory or MergeWorkloadFactory.from_space(space)
+    fitness = None
+    if isinstance(factory, MergeWorkloadFactory):  # a custom factory answers plans its own way
+        fitness = make_fitness(space.bank, ItemBank.load(factory.bank), space.seed)
     obj = Objectives(objectives, factory.tasks)
     genome = Genome(
         factory.groups, space.genome.methods, factory.n_models,
@@ -83,7 +95,7 @@ def validate(space: SearchSpace, objectives: Sequence[ObjectiveSpec], factory=No
         fixed=space.genome.fixed,
         row_blocks=space.genome.row_blocks,
     )
-    return _Plan(factory, obj, genome)
+    return _Plan(factory, obj, genome, fitness)
 
 
 def _engine_and_executor(space: SearchSpace, plan: _Plan, run: Run, executor=None):
@@ -120,11 +132,15 @@ def _drive(run: Run, space: SearchSpace, plan: _Plan, replay, executor, progress
 
 def _search_in_run(run: Run, space: SearchSpace, plan: _Plan, replay, executor, progress, started: float) -> SearchResult:
     engine, executor = _engine_and_executor(space, plan, run, executor)
+    if plan.fitness is not None:  # refits of the item model live in the run, so a resume reloads them exactly
+        plan.fitness.state_dir, plan.fitness.log = run.path / "fitness", run.log
+        run.log(f"fitness: {plan.fitness.name}")
     bar = _progress(progress, space)
     run.write_meta(workers=getattr(executor, "workers", lambda: [])(), engine=engine.name)
     try:
         search = Search(plan.genome, engine, executor, plan.objectives, recorder=run, replay=replay,
-                        max_items=space.engine.max_items, bank_items=plan.factory.bank_items, progress=bar)
+                        max_items=space.engine.max_items, bank_items=plan.factory.bank_items, progress=bar,
+                        fitness=plan.fitness)
         result = search.run()
     finally:
         bar.close()
@@ -194,9 +210,11 @@ def resume(run_dir: str | os.PathLike, *, objectives: Sequence[ObjectiveSpec] | 
 
 
 def top_records(run: Run, top: int) -> list[dict]:
-    """The ``top`` distinct successful candidates by first objective (best first)."""
+    """The ``top`` distinct successful candidates by first objective (best first; candidates that reached the last
+    promotion rung before the others)."""
     seen, out = set(), []
-    for record in sorted((r for r in run.records() if r["error"] is None), key=lambda r: -r["objectives"][0]):
+    ok = (r for r in run.records() if r["error"] is None)
+    for record in sorted(ok, key=lambda r: (not r.get("eligible", True), -r["objectives"][0])):
         key = json.dumps(record["genome"], sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -207,39 +225,80 @@ def top_records(run: Run, top: int) -> list[dict]:
 
 
 def verify(run_dir: str | os.PathLike, *, top: int = 3, log=print) -> list[dict]:
-    """Score the run's ``top`` candidates on the **full** bank and store the true scores in ``verified.json``."""
-    from merge3.runtime._executors import LocalExecutor
-    from merge3.runtime._workload import MergeWorkloadFactory
+    """Score the run's ``top`` candidates on every item of the bank's **search** split and of its **test** split
+    (which the search never saw), and store both in ``verified.json``.
 
+    ``test_mean − search_mean`` of a merge is its generalisation gap: how much the search fitted its own items.
+    """
     run = Run.open(run_dir)
     space = parse_space({**run.config, "objectives": ["mean"]}, str(run.path / "config.yaml"))
-    full = space.model_copy(update={"bank": space.bank.model_copy(update={"estimator": "full", "items_per_task": None})})
     records = top_records(run, top)
     if not records:
         raise Merge3Error(f"run '{run.path}' has no successful candidate to verify")
-    executor = LocalExecutor(MergeWorkloadFactory.from_space(full))
+    factory = MergeWorkloadFactory.from_space(space)
+    bank = ItemBank.load(factory.bank)
+    every_item = tuple(range(len(bank)))
+    executor = LocalExecutor(factory)
     try:
-        results = dict(executor.submit([r["plan"] for r in records]))
+        results = dict(executor.submit([EvalRequest(r["plan"], items=every_item) for r in records]))
     finally:
         executor.close()
-    verified = _read_verified(run)
+    verified = run.verified()
     for i, record in enumerate(records):
         result = results[i]
-        verified[f"{record['generation']}/{record['index']}"] = {
+        if not result.ok:
+            raise Merge3Error(f"verifying gen {record['generation']} #{record['index']} failed: {result.error}")
+        splits = bank.per_split_accuracy(*result.answered()[::-1])
+        entry = {
             "generation": record["generation"], "index": record["index"], "estimated": record["scores"],
-            "estimated_mean": record["mean"], "true": result.scores, "true_mean": result.mean,
-            "items": result.items_evaluated,
+            "estimated_mean": record["mean"], "search": splits["search"], "search_mean": _mean(splits["search"]),
+            "test": splits["test"], "test_mean": _mean(splits["test"]),
+            "items": {"search": len(bank.search_indices), "test": len(bank.test_indices)},
         }
+        verified[f"{record['generation']}/{record['index']}"] = entry
+        test = "no test split" if entry["test_mean"] is None else (
+            f"test {entry['test_mean']:.4f} (gap {entry['test_mean'] - entry['search_mean']:+.4f})")
         log(f"verified gen {record['generation']} #{record['index']}: estimated {record['mean']:.4f}, "
-            f"full bank {result.mean:.4f}")
-    write_text_atomic(run.path / "verified.json", json.dumps(verified, indent=2) + "\n")
+            f"search split {entry['search_mean']:.4f}, {test}")
+    run.write_verified(verified)
+    _score_baselines(run, log)
     _write_report(run)
     return [verified[f"{r['generation']}/{r['index']}"] for r in records]
 
 
-def _read_verified(run: Run) -> dict:
-    path = run.path / "verified.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def _score_baselines(run: Run, log) -> None:
+    """The fixed recipes of the run's bank (cached there), so the report can say how far the search got past them."""
+    from merge3.runs import baselines
+
+    try:
+        baselines(run.config, log=log)
+    except Merge3Error as e:
+        log(f"warning: no fixed-recipe baselines for this run: {e}")
+
+
+def _mean(scores: dict | None) -> float | None:
+    return None if not scores else sum(scores.values()) / len(scores)
+
+
+def reported_score(entry: dict | None, estimate: float) -> float:
+    """What a merge is ranked by: its test score when verified on a split bank, else its search-split score, else
+    the search's estimate."""
+    if entry:
+        for key in ("test_mean", "search_mean"):
+            if entry.get(key) is not None:
+                return entry[key]
+    return estimate
+
+
+def _score_sentence(record: dict, entry: dict) -> str:
+    text = f"Estimated mean accuracy during the search {record['mean']:.4f} (cheap fitness on the search split)"
+    if entry.get("search_mean") is None:
+        return text + "; not verified."
+    text += f"; every search-split item {entry['search_mean']:.4f}"
+    if entry.get("test_mean") is None:
+        return text + " (the bank has no test split: search split only)."
+    return (text + f"; **test split {entry['test_mean']:.4f}** (items the search never saw; generalisation gap "
+            f"{entry['test_mean'] - entry['search_mean']:+.4f}).")
 
 
 def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 1) -> Path:
@@ -257,10 +316,10 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     from merge3.models import file_sha256, load_state_dict, save_state_dict, weight_files
 
     run = Run.open(run_dir)
-    verified = _read_verified(run)
+    verified = run.verified()
     candidates = top_records(run, max(rank, 1) + len(verified))
-    true = {key: v["true_mean"] for key, v in verified.items()}
-    ranked = sorted(candidates, key=lambda r: -true.get(f"{r['generation']}/{r['index']}", r["objectives"][0]))
+    ranked = sorted(candidates, key=lambda r: -reported_score(verified.get(f"{r['generation']}/{r['index']}"),
+                                                              r["objectives"][0]))
     if not 1 <= rank <= len(ranked):
         raise Merge3Error(f"--rank {rank} is out of range: run '{run.path}' has {len(ranked)} candidate(s) to export")
     record = ranked[rank - 1]
@@ -271,11 +330,14 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     endpoints = [load_state_dict(p) for p in models["endpoints"]]
     groups = layer_groups(base, run.config["genome"]["granularity"])
     merged = merge_groups(base, endpoints, plans_from_choices(groups, record["plan"]))
-    key = f"{record['generation']}/{record['index']}"
+    entry = verified.get(f"{record['generation']}/{record['index']}", {})
     manifest = {
         "merge3_version": __version__, "run": str(run.path), "generation": record["generation"],
         "index": record["index"], "genome": record["genome"], "plan": record["plan"],
-        "estimated_scores": record["scores"], "verified_scores": verified.get(key, {}).get("true"),
+        "estimated_scores": record["scores"], "search_scores": entry.get("search"), "test_scores": entry.get("test"),
+        "splits": {"estimated_scores": "search split, cheap fitness during the search",
+                   "search_scores": "every search-split item (the items the search optimised)",
+                   "test_scores": "every test-split item (never seen by calibration or the search)"},
         "inputs": {p: {f.name: file_sha256(f) for f in weight_files(p)} for p in [models["base"], *models["endpoints"]]},
     }
     dtype = next(str(t.dtype).removeprefix("torch.") for t in base.values() if t.is_floating_point())
@@ -288,12 +350,10 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
         extra["mergekit.yaml"] = (f"# This merge as a mergekit config: mergekit-yaml mergekit.yaml OUT (or merge3 merge "
                                   f"mergekit.yaml --out OUT).\n{note}" + yaml.safe_dump(mergekit, sort_keys=False))
     methods = ", ".join(f"{g['group']}: {g['method']}" for g in record["plan"])
-    score = verified.get(key, {}).get("true_mean")
     card = (f"# merge3 merge (rank {rank} of run {run.path.name})\n\n"
             f"Base: `{models['base']}`; endpoints: {', '.join(f'`{p}`' for p in models['endpoints'])}.\n\n"
-            f"Methods per layer group: {methods}.\n\nEstimated mean accuracy {record['mean']:.4f}"
-            + (f"; full-bank (verified) {score:.4f}" if score is not None else " (not verified)")
-            + ".\n\nThe genome and every parameter are in `merge3-manifest.json`"
+            f"Methods per layer group: {methods}.\n\n{_score_sentence(record, entry)}\n\n"
+            "The genome and every parameter are in `merge3-manifest.json`"
             + ("; `mergekit.yaml` reproduces it with mergekit.\n" if mergekit else ".\n"))
     return save_state_dict(merged, out_dir, copy_from=models["base"],
                            extra_files={"README.md": card, "merge3-manifest.json": json.dumps(manifest, indent=2) + "\n",

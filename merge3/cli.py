@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 @command("calibrate")
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from merge3.search._calibrate import CalibrationSettings, calibrate_bank
+    from merge3.search import CalibrationSettings, calibrate_bank
 
     settings = CalibrationSettings(
         random_merges=args.random_merges, methods=args.methods.split(","), granularity=args.granularity,
@@ -207,6 +208,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("bank")
+def cmd_bank(args: argparse.Namespace) -> int:
+    from merge3.itembank import bank_from_file, split_bank
+
+    if args.action == "from-file":
+        import codecs
+
+        stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ["\n"]
+        bank = bank_from_file(
+            args.files, args.out, task_yaml=args.task_yaml, name=args.name, tasks=args.tasks,
+            task_column=args.task_column, prompt_column=args.prompt_column, choices_column=args.choices_column,
+            choice_columns=[c for c in args.choice_columns.split(",") if c], answer_column=args.answer_column,
+            template=args.template, target_delimiter=args.target_delimiter, id_column=args.id_column,
+            chat_template=args.chat_template, tokenizer=args.tokenizer, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, stop=stop, normalize=args.normalize,
+            test_fraction=args.test_fraction, seed=args.seed, description=args.description, force=args.force)
+        split = (f"{len(bank.search_indices)} search / {len(bank.test_indices)} test" if bank.has_test_split
+                 else "no test split (give --test-fraction)")
+        _console().print(f"{bank.path}: {len(bank)} items in {len(bank.tasks)} tasks ({', '.join(bank.tasks)}); {split}")
+        return 0
+    if args.action == "split":
+        bank = split_bank(args.bank, args.test_fraction, args.seed, force=args.force)
+        _console().print(f"{bank.path}: {len(bank.search_indices)} search and {len(bank.test_indices)} test items "
+                         f"(a seeded {args.test_fraction:g} of each task); recalibrate it before searching")
+        return 0
+    raise Merge3Error(f"unknown bank action '{args.action}'")
+
+
 @command("zoo")
 def cmd_zoo(args: argparse.Namespace) -> int:
     from merge3.zoo import build_digits_zoo, print_zoo_table
@@ -231,7 +260,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import merge3
     from merge3._api import verify
     from merge3.search import load_space
-    from merge3.search._calibrate import CalibrationSettings, calibrate_bank
+    from merge3.search import CalibrationSettings, calibrate_bank
     from merge3.zoo import build_digits_zoo, print_zoo_table
 
     console = _console()
@@ -255,19 +284,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     outcome = merge3.search(space, runs_dir=args.runs_dir, progress=not args.quiet)
     _print_outcome(outcome, console)
 
-    console.rule("4/4: verify the best merges on the full bank")
+    console.rule("4/4: verify the best merges on every search item and on the test split (unseen)")
     verified = verify(outcome.run.path, top=args.top, log=console.print)
     acc = zoo.info["accuracy"]["tasks"]
-    best_ta = max((np.mean([row[t] for t in tasks]), name) for name, row in acc.items() if name.startswith("TA "))
-    console.print(f"base + heads: {np.mean([acc['base'][t] for t in tasks]):.3f}   "
-                  f"fine-tunes on their own task: {np.mean([acc[f'ft-{t}'][t] for t in tasks]):.3f}   "
-                  f"best task arithmetic ({best_ta[1]}): {best_ta[0]:.3f}")
-    top = max(verified, key=lambda v: v["true_mean"])
+    console.print(f"(zoo table above: every held-out item) base + heads: {np.mean([acc['base'][t] for t in tasks]):.3f}"
+                  f"   fine-tunes on their own task: {np.mean([acc[f'ft-{t}'][t] for t in tasks]):.3f}")
+    top = max(verified, key=lambda v: v["test_mean"] if v["test_mean"] is not None else v["search_mean"])
     result = outcome.result
-    console.print(f"[bold]evolved merge: {top['true_mean']:.3f} mean held-out accuracy[/bold] (estimated "
-                  f"{top['estimated_mean']:.3f}) using {result.items_evaluated:,} item evaluations, "
-                  f"{result.full_bank_equivalent / max(result.items_evaluated, 1):.0f}× fewer than scoring every "
-                  f"candidate on the full bank")
+    split = "test split, items the search never saw" if top["test_mean"] is not None else "search split only"
+    shown = top["test_mean"] if top["test_mean"] is not None else top["search_mean"]
+    console.print(f"[bold]evolved merge: {shown:.3f} mean accuracy ({split})[/bold]; search split "
+                  f"{top['search_mean']:.3f}, estimated {top['estimated_mean']:.3f}; {result.items_evaluated:,} item "
+                  f"evaluations, {result.full_bank_equivalent / max(result.items_evaluated, 1):.0f}× fewer than "
+                  f"scoring every candidate on every search item")
+    from merge3.runs import baselines, best_recipe
+
+    recipe = best_recipe(baselines(outcome.run.config, log=console.print) or [])
+    if recipe is not None and recipe.test_mean is not None and top["test_mean"] is not None:
+        console.print(f"best fixed recipe (chosen on the search split): {recipe.name} — test {recipe.test_mean:.3f}; "
+                      f"[bold]the evolved merge is {top['test_mean'] - recipe.test_mean:+.3f} ahead on the test split[/bold]")
     from merge3._api import export
 
     from merge3.runs import leaderboard, print_leaderboard
@@ -331,6 +366,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=1, help="1 = best (verified score first, else estimate)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
 
+    p = sub.add_parser("bank", help="item banks: `merge3 bank split BANK --test-fraction F`, `merge3 bank from-file …`")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("split", help="add a stratified search/test split to a bank (atomically)")
+    q.add_argument("bank", help="item-bank folder")
+    q.add_argument("--test-fraction", type=float, required=True, help="share of each task's items held out for test")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--force", action="store_true", help="split a bank that is already split, again")
+    q = actions.add_parser("from-file", help="a causal_lm bank from local JSONL/CSV/parquet files or lm-eval task YAMLs")
+    q.add_argument("files", nargs="*", help="data files (.jsonl/.json/.csv/.parquet), one task each")
+    q.add_argument("--out", required=True, help="bank folder to write")
+    q.add_argument("--task-yaml", action="append", default=[], metavar="YAML", help="lm-eval task YAML (repeatable)")
+    q.add_argument("--task", action="append", dest="tasks", metavar="NAME",
+                   help="task name per file, in order (default: file stem)")
+    q.add_argument("--task-column", help="a column naming each row's task (one file, several tasks)")
+    q.add_argument("--prompt-column", help="question/prompt column (default: question, else prompt)")
+    q.add_argument("--choices-column", help="a column holding each row's list of choices (multiple choice)")
+    q.add_argument("--choice-columns", default="", help="comma-separated, one choice per column, e.g. A,B,C,D")
+    q.add_argument("--answer-column", default="answer", help="index, choice text or choice column name; or target")
+    q.add_argument("--id-column", help="item ids (default: task-row number)")
+    q.add_argument("--template", help="prompt from {column} placeholders")
+    q.add_argument("--target-delimiter", default=" ", help="between prompt and choice (lm-eval's target_delimiter)")
+    q.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    q.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--max-new-tokens", type=int, default=16)
+    q.add_argument("--stop", action="append", help="stop string, backslash escapes allowed (repeatable; default: newline)")
+    q.add_argument("--normalize", choices=["strip", "lower", "number"], default="strip",
+                   help="how a generation is compared with its answer")
+    q.add_argument("--test-fraction", type=float, help="hold out this share of each task as the test split")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--name", help="bank name (default: the folder name)")
+    q.add_argument("--description", default="")
+    q.add_argument("--force", action="store_true", help="replace a calibrated bank that has other items")
+
     p = sub.add_parser("zoo", help="build a demo zoo: `merge3 zoo build digits` (or `minilm`, a real text zoo)")
     p.add_argument("action", choices=["build"])
     p.add_argument("name", help="zoo name: digits, or minilm (all-MiniLM-L6-v2 on BBC News; `examples` extra)")
@@ -375,15 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write a run's report.html and report/*.png")
     p.add_argument("run")
 
-    p = sub.add_parser("verify", help="score a run's best candidates on the full bank")
+    p = sub.add_parser("verify", help="score a run's best candidates on every search item and on the test split")
     p.add_argument("run")
     p.add_argument("--top", type=int, default=3)
     return parser
 
 
+def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, like errors: no source path, no code line."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _plain_warning
     try:
         import torch
 

@@ -23,3 +23,14 @@ def digits_zoo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("digits")
     return build_digits_zoo(root / "zoo" / "digits", root / "item_banks", seed=0, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def calibrated_zoo(digits_zoo):
+    """The digits bank calibrated quickly (fixed D, 40 random merges): enough to exercise the cheap-fitness path."""
+    from merge3.search import CalibrationSettings, calibrate_bank
+
+    settings = CalibrationSettings(random_merges=40, ns=[20], dims=5, subset_methods=["random", "anchor-irt"])
+    calibrate_bank(digits_zoo.bank, str(digits_zoo.base), [str(p) for p in digits_zoo.finetuned.values()], settings,
+                   names=list(digits_zoo.finetuned), log=lambda *a: None)
+    return digits_zoo

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from merge3.itembank import BankSpec, write_bank
-from merge3.search._calibrate import CalibrationSettings, calibrate_bank
+from merge3.search import CalibrationSettings, calibrate_bank
 
 from _tiny_lm import build_tiny_lm
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from merge3.runtime import CandidateResult
-from merge3.runtime._executors import LocalExecutor, RayExecutor, SyntheticFactory
+from merge3.runtime import LocalExecutor, RayExecutor, SyntheticFactory
 from merge3.search import Genome, Objectives, Search, make_engine
 
 import _synthetic  # noqa: F401
@@ -87,7 +87,7 @@ def test_retries_are_bounded(ray_session):
 
 
 def test_out_of_memory_names_the_worker_model_size_and_device():
-    from merge3.runtime._executors import safe_evaluate
+    from merge3.runtime import safe_evaluate
 
     class Oom:
         model_bytes, device = 3 * 2**30, "cpu"
@@ -100,7 +100,7 @@ def test_out_of_memory_names_the_worker_model_size_and_device():
 
 
 def test_long_run_paths_get_a_short_ray_temp_dir(tmp_path):
-    from merge3.runtime._executors import short_temp_dir
+    from merge3.runtime import short_temp_dir
 
     deep = tmp_path / ("x" * 80) / "ray"
     short = short_temp_dir(deep)
@@ -117,7 +117,7 @@ def test_a_ray_started_under_a_long_run_path_removes_its_link_on_close(tmp_path)
     deep = tmp_path / ("y" * 80) / "ray"
     script = f"""
 import os, pathlib
-from merge3.runtime._executors import RayExecutor, SyntheticFactory
+from merge3.runtime import RayExecutor, SyntheticFactory
 executor = RayExecutor(SyntheticFactory(["a", "b"], [0.8, 0.4]), actors=1, temp_dir={str(deep)!r})
 link = executor.temp_link
 assert link is not None and os.path.realpath(link) == {str(deep.resolve())!r}, link

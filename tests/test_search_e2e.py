@@ -14,7 +14,9 @@ import merge3
 from merge3 import Merge3Error
 from merge3.runs import Run
 
-ENV = {**os.environ, "MERGE3_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+from _runs import ENV, strip
+from _runs import cli as _cli
+
 
 
 def space_dict(zoo, **over):
@@ -32,8 +34,6 @@ def space_dict(zoo, **over):
     return space
 
 
-def strip(records):
-    return sorted((r["generation"], r["index"], json.dumps(r["genome"], sort_keys=True), tuple(r["objectives"])) for r in records)
 
 
 def test_api_search_is_reproducible_and_accounts_its_cost(digits_zoo, tmp_path):
@@ -42,11 +42,15 @@ def test_api_search_is_reproducible_and_accounts_its_cost(digits_zoo, tmp_path):
     assert strip(a.run.records()) == strip(b.run.records())
     assert len(a.result.records) == 18
     meta = a.run.meta
-    assert meta["status"] == "finished" and meta["items_evaluated"] == 18 * 4495 == meta["full_bank_equivalent"]
+    from merge3.itembank import ItemBank
+
+    search_items = len(ItemBank.load(digits_zoo.bank).search_indices)
+    assert search_items == 4495 - 5 * 300, "a third of the held-out images is the test split"
+    assert meta["status"] == "finished" and meta["items_evaluated"] == 18 * search_items == meta["full_bank_equivalent"]
     best = a.best
     assert set(best["scores"]) == set(digits_zoo.finetuned) and best["objectives"][0] == pytest.approx(best["mean"])
     # the recorded score is what the merge really gets: rebuild it with the pure functions and evaluate
-    from merge3.itembank import ItemBank, make_evaluator
+    from merge3.itembank import make_evaluator
     from merge3.methods import layer_groups, merge_groups, plans_from_choices
     from merge3.models import load_model, load_state_dict
 
@@ -57,7 +61,8 @@ def test_api_search_is_reproducible_and_accounts_its_cost(digits_zoo, tmp_path):
     model = load_model(digits_zoo.base)
     model.load_state_dict(merged)
     bank = ItemBank.load(digits_zoo.bank)
-    truth = bank.per_task_accuracy(make_evaluator(bank)(model))
+    rows = bank.search_indices
+    truth = bank.per_task_accuracy(make_evaluator(bank)(model, rows), rows)
     assert truth == pytest.approx(best["scores"], abs=1e-9)
 
 
@@ -102,13 +107,6 @@ def test_cli_bad_config_is_one_error_line(digits_zoo, tmp_path):
         f"error: {path}: field 'engine.population': Input should be greater than or equal to 2"]
 
 
-def _cli(*args, wait=True):
-    cmd = [sys.executable, "-m", "merge3", *map(str, args)]
-    if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-
-
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(digits_zoo, tmp_path):
     path = tmp_path / "space.yaml"
@@ -134,17 +132,6 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(digits_zoo, tmp
         merge3.resume(tmp_path / "killed")
 
 
-@pytest.fixture(scope="module")
-def calibrated_zoo(digits_zoo):
-    """The digits bank calibrated quickly (fixed D, 40 random merges): enough to exercise the cheap-fitness path."""
-    from merge3.search._calibrate import CalibrationSettings, calibrate_bank
-
-    settings = CalibrationSettings(random_merges=40, ns=[20], dims=5, subset_methods=["random", "anchor-irt"])
-    calibrate_bank(digits_zoo.bank, str(digits_zoo.base), [str(p) for p in digits_zoo.finetuned.values()], settings,
-                   names=list(digits_zoo.finetuned), log=lambda *a: None)
-    return digits_zoo
-
-
 def test_demo_space_with_irt_fitness_end_to_end(calibrated_zoo, tmp_path):
     from merge3._api import verify
     from merge3.search import load_space
@@ -160,16 +147,16 @@ def test_demo_space_with_irt_fitness_end_to_end(calibrated_zoo, tmp_path):
     outcome = merge3.search(space, runs_dir=tmp_path, name="demo", progress=False)
     records = outcome.result.records
     assert all(r["items_evaluated"] == 100 for r in records), "20 items per task × 5 tasks"
-    assert outcome.run.meta["cost_ratio"] == pytest.approx(4495 / 100)
+    assert outcome.run.meta["cost_ratio"] == pytest.approx(2995 / 100)
     verified = verify(outcome.run.path, top=2, log=lambda *a: None)
-    assert len(verified) == 2 and all(v["items"] == 4495 for v in verified)
-    # the estimate is an estimate of the truth: close, not equal (gp/gmp-IRT on 2 % of the bank)
-    assert all(abs(v["estimated_mean"] - v["true_mean"]) < 0.1 for v in verified)
+    assert len(verified) == 2 and all(v["items"] == {"search": 2995, "test": 1500} for v in verified)
+    # the estimate is an estimate of the search-split accuracy: close, not equal (gp-IRT on 3 % of the split)
+    assert all(abs(v["estimated_mean"] - v["search_mean"]) < 0.1 for v in verified)
     assert (outcome.run.path / "verified.json").exists()
 
 
 def test_calibration_cache_is_keyed_by_model_contents_not_paths(calibrated_zoo):
-    from merge3.search._calibrate import CalibrationSettings, calibrate_bank
+    from merge3.search import CalibrationSettings, calibrate_bank
 
     settings = CalibrationSettings(random_merges=40, ns=[20], dims=5, subset_methods=["random", "anchor-irt"])
     messages = []
@@ -195,9 +182,9 @@ def test_same_task_space_aligns_with_c2m3_and_beats_naive_averaging(digits_zoo, 
     space["engine"].update(population=4, generations=2)
     outcome = merge3.search(space, runs_dir=tmp_path, name="same", progress=False)
     assert all(g["method"] == "c2m3" for g in outcome.best["plan"])
-    true = verify(outcome.run.path, top=1, log=lambda *a: None)[0]["true_mean"]
+    test = verify(outcome.run.path, top=1, log=lambda *a: None)[0]["test_mean"]
     naive = digits_zoo.info["accuracy"]["same_task"]["naive average"]
-    assert true > naive + 0.2 and true > 0.9
+    assert test > naive + 0.2 and test > 0.9
 
 
 def test_export_round_trip_scores_what_the_run_verified(digits_zoo, tmp_path):
@@ -210,10 +197,12 @@ def test_export_round_trip_scores_what_the_run_verified(digits_zoo, tmp_path):
     verified = verify(outcome.run.path, top=2, log=lambda *a: None)
     folder = export(outcome.run.path, tmp_path / "best", rank=1)
     bank = ItemBank.load(digits_zoo.bank)
-    score = bank.per_task_accuracy(make_evaluator(bank)(load_model(folder)))
-    assert score == pytest.approx(max(verified, key=lambda v: v["true_mean"])["true"], abs=1e-9)
+    rows = bank.test_indices
+    score = bank.per_task_accuracy(make_evaluator(bank)(load_model(folder), rows), rows)
+    assert score == pytest.approx(max(verified, key=lambda v: v["test_mean"])["test"], abs=1e-9), "ranked by test"
     manifest = json.loads((folder / "merge3-manifest.json").read_text())
-    assert manifest["verified_scores"] == pytest.approx(score) and len(manifest["inputs"]) == 6
+    assert manifest["test_scores"] == pytest.approx(score) and len(manifest["inputs"]) == 6
+    assert "test split" in (folder / "README.md").read_text()
     with pytest.raises(Merge3Error, match="already exists"):
         export(outcome.run.path, tmp_path / "best")
     with pytest.raises(Merge3Error, match="out of range"):
@@ -243,16 +232,18 @@ def test_leaderboard_ranks_merges_of_both_runs_beside_the_baselines(two_runs):
     assert (merges["run"] == "multi").sum() == len({json.dumps(r["genome"], sort_keys=True) for r in multi.result.pareto()})
     assert {"base", "endpoint ft-upright", "endpoint ft-permuted"} <= set(baselines["candidate"])
     assert {"task_arithmetic", "ties", "dare", "tsv_merge"} <= set(baselines["methods"])
-    assert list(frame["score"]) == sorted(frame["score"], reverse=True), "best first"
+    for _, tier in frame.groupby("score_on", sort=False):
+        assert list(tier["score"]) == sorted(tier["score"], reverse=True), "best first"
     verified = merges[merges["verified"]]
-    assert len(verified) == 2 and verified["error"].notna().all()
-    assert (verified["score"] == verified["true_mean"]).all(), "a verified merge is ranked by its full-bank score"
+    assert len(verified) == 2 and verified["error"].notna().all() and verified["gap"].notna().all()
+    assert (verified["score"] == verified["test_mean"]).all(), "a verified merge is ranked by its test score"
     # filters
     assert merge3.leaderboard(runs, verified_only=True, baselines=False)["verified"].all()
     top = merge3.leaderboard(runs, top=1)
     assert (top["kind"] == "merge").sum() == 1 and (top["kind"] == "baseline").sum() == len(baselines)
     by_task = merge3.leaderboard(runs, task="rot90", baselines=False)
-    assert list(by_task["score"]) == sorted(by_task["score"], reverse=True)
+    for _, tier in by_task.groupby("score_on", sort=False):
+        assert list(tier["score"]) == sorted(tier["score"], reverse=True)
     with pytest.raises(Merge3Error, match="--task 'nope' is not a task"):
         merge3.leaderboard(runs, task="nope")
 
@@ -372,6 +363,8 @@ def test_merge3_demo_command_end_to_end_at_a_tiny_budget(digits_zoo, tmp_path, c
     assert (run / "best-merge" / "merge3-manifest.json").exists()
     assert "leaderboard" in out and "TSV-M λ=" in out and str(run / "report.html") in out.replace("\n", "")
     assert "zoo: cached" in out or "cached" in out, "the copied zoo is reused, not rebuilt"
+    flat = " ".join(out.split())
+    assert "(test split, items the search never saw)" in flat and "ahead on the test split" in flat
 
 
 def test_row_block_space_searches_builds_and_exports_what_it_scored(digits_zoo, tmp_path):
@@ -397,7 +390,8 @@ def test_row_block_space_searches_builds_and_exports_what_it_scored(digits_zoo, 
     model = load_model(digits_zoo.base)
     model.load_state_dict(merged)
     bank = ItemBank.load(digits_zoo.bank)
-    assert bank.per_task_accuracy(make_evaluator(bank)(model)) == pytest.approx(best["scores"], abs=1e-9)
+    rows = bank.search_indices
+    assert bank.per_task_accuracy(make_evaluator(bank)(model, rows), rows) == pytest.approx(best["scores"], abs=1e-9)
     folder = export(outcome.run.path, tmp_path / "best", rank=1)
     assert not (folder / "mergekit.yaml").exists()
     assert "row-block" in json.dumps(json.loads((folder / "merge3-manifest.json").read_text()))

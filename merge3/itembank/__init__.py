@@ -1,17 +1,26 @@
 """Item banks: items, evaluators, and (later) IRT calibration and cheap accuracy estimators."""
 
 from merge3.itembank._bank import (
+    SPLITS,
     BankSpec,
+    CausalLMSpec,
     ClassifierSpec,
+    GenerationSettings,
     GenerationSpec,
     ItemBank,
     MultipleChoiceSpec,
+    NoTestSplitWarning,
+    SplitSpec,
     TextClassifierSpec,
+    normalize_answer,
     read_items,
+    split_bank,
+    stratified_split,
     write_bank,
 )
 from merge3.itembank._evaluators import (
     HF_CLASS_FOR,
+    CausalLMEvaluator,
     ClassifierEvaluator,
     Evaluator,
     GenerationEvaluator,
@@ -21,14 +30,32 @@ from merge3.itembank._evaluators import (
     load_tokenizer,
     make_evaluator,
     mean_pool,
+    score_choices_full,
+    score_choices_shared,
 )
+from merge3.itembank._from_file import FileTask, bank_from_file
 
 from merge3.itembank._estimators import ESTIMATORS, Estimate, Estimator
 from merge3.itembank._fidelity import FIDELITY_NS, fidelity_benchmark, format_fidelity_table
-from merge3.itembank._irt import DIMS_GRID, ConstantItemWarning, IRTConvergenceWarning, IRTModel, fit_irt
+from merge3.itembank._irt import DIMS_GRID, ConstantItemWarning, IRTConvergenceWarning, IRTModel, fit_irt, refit_irt
+from merge3.itembank._adaptive import AdaptiveTest
+from merge3.itembank._online import ONLINE_ESTIMATORS, AnsweredEstimate, estimate_answered, naive_estimate, scaled_weight
 from merge3.itembank._subsets import SUBSET_METHODS, Subset, select_subset
 
 __all__ = [
+    "CausalLMEvaluator",
+    "CausalLMSpec",
+    "FileTask",
+    "GenerationSettings",
+    "bank_from_file",
+    "normalize_answer",
+    "score_choices_full",
+    "score_choices_shared",
+    "SPLITS",
+    "NoTestSplitWarning",
+    "SplitSpec",
+    "split_bank",
+    "stratified_split",
     "DIMS_GRID",
     "ESTIMATORS",
     "FIDELITY_NS",

@@ -242,6 +242,17 @@ class Estimator:
             mse[s] = float(((v - truth) ** 2).mean())
         return min(mse, key=mse.get)
 
+    def with_model(self, model: IRTModel) -> "Estimator":
+        """This estimator on a refitted item model (online recalibration): subsets and λ*/δ stay, the endpoints'
+        abilities are read from the refit (their subject ids)."""
+        import dataclasses
+
+        theta_e = self.endpoint_theta
+        if self.endpoint_ids and model.subject_ids:
+            where = {s: k for k, s in enumerate(model.subject_ids)}
+            theta_e = model.theta[[where[s] for s in self.endpoint_ids]]
+        return dataclasses.replace(self, model=model, endpoint_theta=theta_e)
+
     # ------------------------------------------------------------------------------------------------------------
     # Estimation
 

@@ -6,7 +6,9 @@ positions in the bank; all items when None). Anything with that call signature c
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +18,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from merge3._errors import Merge3Error
-from merge3.itembank._bank import ClassifierSpec, GenerationSpec, ItemBank, MultipleChoiceSpec, TextClassifierSpec
+from merge3.itembank._bank import (
+    CausalLMSpec,
+    ClassifierSpec,
+    GenerationSpec,
+    ItemBank,
+    MultipleChoiceSpec,
+    TextClassifierSpec,
+    as_choice_list,
+    normalize_answer,
+)
 
 
 class Evaluator(Protocol):
@@ -188,46 +199,272 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
-class MultipleChoiceEvaluator:
-    """Causal LM multiple choice: argmax over choices of Σ log p(choice tokens | prompt)."""
+def _cache_argument(model: nn.Module) -> str | None:
+    """The keyword under which ``model`` takes a KV cache (``cache`` in transformers 5, ``past_key_values`` before),
+    or None when it takes none."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
-    def __init__(self, bank: ItemBank, tokenizer, device: str | torch.device = "cpu"):
-        self.bank, self.tok, self.device = bank, tokenizer, torch.device(device)
-        self.batch_size = bank.spec.evaluator.batch_size
 
-    def _sequences(self, indices: np.ndarray) -> list[tuple[int, list[int], int]]:
-        """(item position, token ids of prompt+choice, number of choice tokens) per (item, choice)."""
-        rows = []
-        for pos, i in enumerate(indices):
-            prompt_ids = self.tok(self.bank.items["prompt"][i], add_special_tokens=False)["input_ids"]
-            for choice in self.bank.items["choices"][i]:
-                choice_ids = self.tok(str(choice), add_special_tokens=False)["input_ids"]
-                if not choice_ids:
-                    raise Merge3Error(f"item '{self.bank.item_ids[i]}': choice {choice!r} tokenises to nothing")
-                rows.append((pos, prompt_ids + choice_ids, len(choice_ids)))
-        return rows
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)  # only then the old name: reading it in transformers 5 logs a deprecation
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _cache_rows(cache, rows: torch.Tensor):
+    """The cache of batch rows ``rows`` (repeats allowed): each choice gets its own prompt's keys and values."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)  # in place: this prompt cache is used once
+        return cache
+    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)  # legacy tuple caches
+
+
+def _buckets(keys: Sequence, batch_size: int) -> list[np.ndarray]:
+    """Positions 0..n-1 in batches of similar ``keys`` (sorted, stable), so padding stays small.
+
+    >>> [b.tolist() for b in _buckets([5, 1, 4, 2, 9], 2)]
+    [[1, 3], [2, 0], [4]]
+    """
+    order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """(ids, attention mask, position ids): rows end at the right edge; positions count real tokens only, so a row's
+    numbers do not depend on how much padding its batch needs."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[r, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under ``logits`` [..., vocab] without materialising a second vocab-sized tensor."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    return [list(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def _per_item(flat: torch.Tensor, choices: Sequence[Sequence]) -> list[list[float]]:
+    values, out, start = flat.tolist(), [], 0
+    for cs in choices:
+        out.append(values[start : start + len(cs)])
+        start += len(cs)
+    return out
+
+
+def score_choices_shared(model: nn.Module, prompts: Sequence[list[int]], choices: Sequence[Sequence[list[int]]],
+                         pad_id: int, device: torch.device) -> list[list[float]]:
+    """Σ log p(choice | prompt) for every choice of every prompt, each prompt's forward pass shared by its choices.
+
+    One left-padded pass over the prompts (KV cache kept, only the last position's logits, which score every
+    choice's first token); then all choices of all prompts as one batch continuing from their prompt's cache rows.
+    Falls back to :func:`score_choices_full` for a model that takes or returns no cache.
+    """
+    cache_arg = _cache_argument(model)
+    if cache_arg is None:
+        return score_choices_full(model, prompts, choices, pad_id, device)
+    ids, mask, positions = _left_padded(prompts, pad_id, device)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    flat = [c for cs in choices for c in cs]
+    owner = torch.tensor([b for b, cs in enumerate(choices) for _ in cs], dtype=torch.long, device=device)
+    first = torch.tensor([c[0] for c in flat], dtype=torch.long, device=device)
+    total = _token_logprobs(out.logits[:, -1][owner], first)
+    width = max(len(c) for c in flat) - 1  # the last choice token is only a target, never an input
+    if width == 0:
+        return _per_item(total, choices)
+    cache = _returned_cache(out)
+    if cache is None:
+        return score_choices_full(model, prompts, choices, pad_id, device)
+    inputs = torch.full((len(flat), width), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(flat), width), dtype=torch.long)
+    live = torch.zeros((len(flat), width), dtype=torch.long)
+    for r, c in enumerate(flat):
+        n = len(c) - 1
+        inputs[r, :n], targets[r, :n], live[r, :n] = torch.tensor(c[:-1]), torch.tensor(c[1:]), 1
+    inputs, targets, live = inputs.to(device), targets.to(device), live.to(device)
+    lengths = mask.sum(-1)[owner]
+    step = torch.arange(width, device=device)
+    out = model(input_ids=inputs, attention_mask=torch.cat([mask[owner], live], 1),
+                position_ids=lengths[:, None] + step, use_cache=True, **{cache_arg: _cache_rows(cache, owner)})
+    total = total + (_token_logprobs(out.logits, targets) * live).sum(-1)
+    return _per_item(total, choices)
+
+
+def score_choices_full(model: nn.Module, prompts: Sequence[list[int]], choices: Sequence[Sequence[list[int]]],
+                       pad_id: int, device: torch.device) -> list[list[float]]:
+    """The plain computation: one right-padded forward pass over every prompt+choice sequence."""
+    seqs = [(p + c, len(c)) for p, cs in zip(prompts, choices) for c in cs]
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (seq, _) in enumerate(seqs):
+        ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+    ids, mask = ids.to(device), mask.to(device)
+    token_lp = _token_logprobs(model(input_ids=ids, attention_mask=mask).logits[:, :-1], ids[:, 1:])
+    total = torch.stack([token_lp[r, len(s) - 1 - n : len(s) - 1].sum() for r, (s, n) in enumerate(seqs)])
+    return _per_item(total, choices)
+
+
+class _StopWhenDone:
+    """Per row of a generate() batch: done once it produced EOS or its cut (:func:`cut_at_stop`) can no longer
+    move; generation ends when every row is done (transformers' StoppingCriteria protocol: a bool per row).
+
+    A cut is settled once the text runs the longest stop string past it: a stop string that starts earlier and is
+    still incomplete (``"s a c"`` around ``"a"``) would otherwise cut earlier in the unbatched, full-length text.
+    """
+
+    def __init__(self, tok, start: int, stop: Sequence[str], eos_ids: Sequence[int]):
+        self.tok, self.start, self.stop, self.eos = tok, start, [s for s in stop if s], list(eos_ids)
+        self.longest = max(map(len, self.stop), default=0)
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.start :]
+        if self.done is None:
+            self.done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        if self.eos:
+            self.done |= torch.isin(new[:, -1], torch.tensor(self.eos, device=input_ids.device))
+        if self.stop:
+            for r in torch.nonzero(~self.done).flatten().tolist():
+                text = self.tok.decode(new[r], skip_special_tokens=True)
+                cuts = [text.index(s) for s in self.stop if s in text]
+                if cuts and len(text) - min(cuts) >= self.longest:
+                    self.done[r] = True
+        return self.done.clone()
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The completion before its first stop string, stripped.
+
+    >>> cut_at_stop(" city\\nQ: next", ["\\n"])
+    'city'
+    """
+    cuts = [text.index(s) for s in stop if s and s in text]
+    return (text[: min(cuts)] if cuts else text).strip()
+
+
+class _CausalLMItems:
+    """What the causal-LM evaluators share.
+
+    Every prompt (and every choice) is tokenised once, at construction. Multiple choice runs each prompt once and
+    continues all its choices from the prompt's KV cache (:func:`score_choices_shared`); generation is batched
+    greedy decoding that stops as soon as every row has produced a stop string or EOS. Batches are length-bucketed
+    (sorted by prompt length) and left-padded with positions that count real tokens only, so an item's result does
+    not depend on which other items share its batch (beyond float noise). ``batch_size`` counts prompts.
+    """
+
+    def __init__(self, bank: ItemBank, tokenizer, device: str | torch.device, batch_size: int,
+                 chat_template: bool = False, choice_rows: Sequence[int] | None = None):
+        self.bank, self.tok, self.device, self.batch_size = bank, tokenizer, torch.device(device), batch_size
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = 0 if pad is None else int(pad)
+        prompts = [str(p) for p in bank.items["prompt"]]
+        if chat_template:
+            prompts = [_as_user_turn(tokenizer, p) for p in prompts]
+        self.prompt_ids = _encode(tokenizer, prompts)
+        empty = [bank.item_ids[i] for i, ids in enumerate(self.prompt_ids) if not ids]
+        if empty:
+            raise Merge3Error(f"item bank '{bank.path}': item '{empty[0]}': its prompt tokenises to nothing")
+        self.choice_ids: list[list[list[int]]] = [[] for _ in range(len(bank))]
+        rows = range(len(bank)) if choice_rows is None else choice_rows
+        texts = {i: [str(c) for c in as_choice_list(bank.items["choices"][i]) or []] for i in rows}
+        flat = _encode(tokenizer, [c for i in rows for c in texts[i]])
+        start = 0
+        for i in rows:
+            self.choice_ids[i], start = flat[start : start + len(texts[i])], start + len(texts[i])
+            bad = [c for c, ids in zip(texts[i], self.choice_ids[i]) if not ids]
+            if bad:
+                raise Merge3Error(f"item '{bank.item_ids[i]}': choice {bad[0]!r} tokenises to nothing")
 
     @torch.inference_mode()
     def loglikelihoods(self, model: nn.Module, indices: np.ndarray) -> list[list[float]]:
-        rows = self._sequences(indices)
+        """Σ log p(choice tokens | prompt) of every choice, per item of ``indices`` (aligned with them)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        keys = [(len(self.prompt_ids[i]), max(map(len, self.choice_ids[i]), default=0)) for i in indices]
         scores: list[list[float]] = [[] for _ in indices]
-        pad = self.tok.pad_token_id
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
-            width = max(len(ids) for _, ids, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (_, seq, _) in enumerate(batch):
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-            logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = ids[:, 1:].to(self.device)
-            token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            for r, (pos, seq, n_choice) in enumerate(batch):
-                end = len(seq) - 1  # logprob of token t sits at position t-1
-                scores[pos].append(float(token_lp[r, end - n_choice : end].sum()))
+        for batch in _buckets(keys, self.batch_size):
+            rows = indices[batch]
+            got = score_choices_shared(model, [self.prompt_ids[i] for i in rows], [self.choice_ids[i] for i in rows],
+                                       self.pad_id, self.device)
+            for pos, s in zip(batch, got):
+                scores[pos] = s
         return scores
+
+    def _generation_of(self, row: int) -> tuple[int, tuple[str, ...], str]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def completions(self, model: nn.Module, indices: np.ndarray) -> list[str]:
+        """Greedy completions of the items ``indices``, cut at their first stop string and stripped."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = [""] * len(indices)
+        groups: dict[tuple, list[int]] = {}
+        for pos, i in enumerate(indices):  # items of tasks with other stop strings or lengths go in other batches
+            groups.setdefault(self._generation_of(int(i))[:2], []).append(pos)
+        for (max_new_tokens, stop), positions in groups.items():
+            positions = np.asarray(positions)
+            for batch in _buckets([len(self.prompt_ids[indices[p]]) for p in positions], self.batch_size):
+                where = positions[batch]
+                texts = self._greedy(model, [self.prompt_ids[i] for i in indices[where]], max_new_tokens, stop)
+                for pos, text in zip(where, texts):
+                    out[pos] = text
+        return out
+
+    def _eos_ids(self, model: nn.Module) -> list[int]:
+        config = getattr(model, "generation_config", None)  # its EOS (e.g. a chat model's end of turn) also ends a row
+        ids = {self.tok.eos_token_id, *np.atleast_1d(getattr(config, "eos_token_id", None) or [])}
+        return sorted(int(i) for i in ids if i is not None)
+
+    def _greedy(self, model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                stop: Sequence[str]) -> list[str]:
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        ids, mask, _ = _left_padded(prompts, self.pad_id, self.device)
+        eos = self._eos_ids(model)
+        # plain greedy decoding: a model's own repetition penalties would make scores depend on its generation_config
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+                                  eos_token_id=eos or None, repetition_penalty=1.0, no_repeat_ngram_size=0)
+        criteria = StoppingCriteriaList([_StopWhenDone(self.tok, ids.shape[1], stop, eos)])
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                   stopping_criteria=criteria)
+        texts = []
+        for row in generated[:, ids.shape[1] :].tolist():
+            end = next((k for k, t in enumerate(row) if t in eos), len(row))  # what follows EOS is padding
+            texts.append(cut_at_stop(self.tok.decode(row[:end], skip_special_tokens=True), stop))
+        return texts
+
+
+def _as_user_turn(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def generation_correct(completion: str, answer: str, normalize: str) -> bool:
+    """Does a (cut, stripped) completion match ``answer`` under ``normalize``?
+
+    >>> generation_correct("The answer is 12.", "12", "number"), generation_correct("Paris", "paris.", "lower")
+    (True, True)
+    """
+    target = normalize_answer(str(answer), normalize)
+    return target is not None and normalize_answer(completion, normalize) == target
+
+
+class MultipleChoiceEvaluator(_CausalLMItems):
+    """Causal LM multiple choice: argmax over choices of Σ log p(choice tokens | prompt)."""
+
+    def __init__(self, bank: ItemBank, tokenizer, device: str | torch.device = "cpu"):
+        super().__init__(bank, tokenizer, device, bank.spec.evaluator.batch_size)
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         indices = _all(self.bank, indices)
@@ -236,37 +473,59 @@ class MultipleChoiceEvaluator:
         return np.array([int(np.argmax(s)) == a for s, a in zip(scores, answers)], dtype=bool)
 
 
-class GenerationEvaluator:
+class GenerationEvaluator(_CausalLMItems):
     """Causal LM greedy generation, exact match of the stripped completion (cut at the first stop string)."""
 
     def __init__(self, bank: ItemBank, tokenizer, device: str | torch.device = "cpu"):
-        self.bank, self.tok, self.device = bank, tokenizer, torch.device(device)
         self.spec: GenerationSpec = bank.spec.evaluator
+        super().__init__(bank, tokenizer, device, self.spec.batch_size, choice_rows=[])
 
-    def completions(self, model: nn.Module, indices: np.ndarray) -> list[str]:
-        self.tok.padding_side = "left"  # generation continues from the right edge of every row
-        prompts = [str(p) for p in self.bank.items["prompt"].to_numpy()[indices]]
-        out: list[str] = []
-        for start in range(0, len(prompts), self.spec.batch_size):
-            enc = self.tok(prompts[start : start + self.spec.batch_size], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(self.device)
-            with torch.inference_mode():
-                gen = model.generate(**enc, max_new_tokens=self.spec.max_new_tokens, do_sample=False,
-                                     pad_token_id=self.tok.pad_token_id)
-            for row in gen[:, enc["input_ids"].shape[1] :]:
-                out.append(self._cut(self.tok.decode(row, skip_special_tokens=True)))
-        return out
-
-    def _cut(self, text: str) -> str:
-        for stop in self.spec.stop:
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-        return text.strip()
+    def _generation_of(self, row: int) -> tuple[int, tuple[str, ...], str]:
+        return self.spec.max_new_tokens, tuple(self.spec.stop), "strip"
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         indices = _all(self.bank, indices)
-        answers = [str(a).strip() for a in self.bank.items["answer"].to_numpy()[indices]]
-        return np.array([c == a for c, a in zip(self.completions(model, indices), answers)], dtype=bool)
+        answers = self.bank.items["answer"].to_numpy()[indices]
+        return np.array([generation_correct(c, a, "strip") for c, a in zip(self.completions(model, indices), answers)],
+                        dtype=bool)
+
+
+class CausalLMEvaluator(_CausalLMItems):
+    """A ``causal_lm`` bank: multiple-choice and generation items side by side (column ``format``), each answered
+    as :class:`MultipleChoiceEvaluator` / :class:`GenerationEvaluator` would, with the bank's (or its task's)
+    generation settings and answer normalisation; prompts optionally wrapped with the tokenizer's chat template.
+
+    >>> evaluator = make_evaluator(ItemBank.load("item_banks/mixed"), tokenizer_from="zoo/lm/base")  # doctest: +SKIP
+    >>> evaluator(model, np.array([0, 5, 7]))  # doctest: +SKIP
+    array([ True, False,  True])
+    """
+
+    def __init__(self, bank: ItemBank, tokenizer, device: str | torch.device = "cpu"):
+        self.spec: CausalLMSpec = bank.spec.evaluator
+        if self.spec.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise Merge3Error(f"item bank '{bank.path}': evaluator.chat_template is true but the tokenizer has no chat "
+                              "template (use a tokenizer that has one, or set chat_template: false)")
+        self.formats = bank.items["format"].to_numpy().astype(str)
+        super().__init__(bank, tokenizer, device, self.spec.batch_size, self.spec.chat_template,
+                         np.flatnonzero(self.formats == "multiple_choice").tolist())
+        self.answers = [str(a).strip() for a in bank.items["answer"]]
+
+    def _generation_of(self, row: int) -> tuple[int, tuple[str, ...], str]:
+        return self.spec.generation_for(str(self.bank.task_of[row]))
+
+    def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        indices = _all(self.bank, indices)
+        correct = np.zeros(len(indices), dtype=bool)
+        mc = np.flatnonzero(self.formats[indices] == "multiple_choice")
+        if mc.size:
+            scores = self.loglikelihoods(model, indices[mc])
+            correct[mc] = [int(np.argmax(s)) == int(self.answers[i]) for s, i in zip(scores, indices[mc])]
+        gen = np.flatnonzero(self.formats[indices] == "generation")
+        if gen.size:
+            texts = self.completions(model, indices[gen])
+            correct[gen] = [generation_correct(t, self.answers[i], self._generation_of(int(i))[2])
+                            for t, i in zip(texts, indices[gen])]
+        return correct
 
 
 def make_evaluator(bank: ItemBank, device: str | torch.device = "cpu", tokenizer_from: str | os.PathLike | None = None) -> Evaluator:
@@ -283,12 +542,12 @@ def make_evaluator(bank: ItemBank, device: str | torch.device = "cpu", tokenizer
         raise Merge3Error(f"item bank '{bank.path}' needs a tokenizer: set evaluator.tokenizer or pass a model folder")
     tok = load_tokenizer(source)
     cls = {MultipleChoiceSpec: MultipleChoiceEvaluator, GenerationSpec: GenerationEvaluator,
-           TextClassifierSpec: TextClassifierEvaluator}[type(spec)]
+           TextClassifierSpec: TextClassifierEvaluator, CausalLMSpec: CausalLMEvaluator}[type(spec)]
     return cls(bank, tok, device)
 
 
 HF_CLASS_FOR = {"classifier": "AutoModel", "text_classifier": "AutoModel", "multiple_choice": "AutoModelForCausalLM",
-                "generation": "AutoModelForCausalLM"}
+                "generation": "AutoModelForCausalLM", "causal_lm": "AutoModelForCausalLM"}
 
 
 def load_model_for(bank: ItemBank, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

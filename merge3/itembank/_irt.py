@@ -412,6 +412,8 @@ def _fit_map(
     positive_a: bool,
     em_rounds: int = 15,
     precision: str = "float64",
+    init: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    hyper_init: dict | None = None,
 ) -> _Fit:
     """MAP of abilities and item parameters; prior scales learned by Laplace-EM between MAP rounds.
 
@@ -419,6 +421,9 @@ def _fit_map(
     on 200 subjects × 2,000 items that funnel out-scores the 2PL fit (it collapses to a 1PL). The EM update adds
     each parameter's posterior variance (inverse diagonal Fisher information + prior precision), which keeps σ_a
     at the spread the data support.
+
+    ``init`` = (θ, a, b) and ``hyper_init`` (the prior scales) warm-start a refit from an earlier fit: the item model
+    keeps its rotation and the optimiser starts near the answer (an online recalibration takes a few iterations).
     """
     import torch
     import torch.nn.functional as F
@@ -445,10 +450,18 @@ def _fit_map(
         raw_a = math.log(1.0 / math.sqrt(D)) + 0.1 * torch.randn(N, D, generator=g, dtype=dt)
     else:
         raw_a = 1.0 / math.sqrt(D) + 0.3 * torch.randn(N, D, generator=g, dtype=dt)
+    if init is not None:
+        theta0, a0, b0 = init
+        theta = torch.as_tensor(np.asarray(theta0), dtype=dt).clone()
+        b = torch.as_tensor(np.asarray(b0), dtype=dt).clone()
+        if kind != "1pl":
+            a0 = torch.as_tensor(np.asarray(a0), dtype=dt)
+            raw_a = a0.clamp_min(1e-6).log() if log_a else a0.clone()
     params = [theta, b] + ([raw_a] if kind != "1pl" else [])
     # Prior: b ~ N(mu_b, s_b²); log a (or a) ~ N(0, s_a²), centred at 0 because a learned centre would let a grow
     # and θ shrink for free; θ ~ N(0, I), or N(0, s_t²) for 1PL where a = 1 fixes the scale instead.
     hyper = {"mu_b": float(b.mean()), "sigma_b": float(b.std()) + 0.1, "sigma_a": 0.5, "sigma_theta": 1.0}
+    hyper.update({k: float(v) for k, v in (hyper_init or {}).items() if k in hyper})
     for p in params:
         p.requires_grad_(True)
     ones = torch.ones(N, 1, dtype=dt)
@@ -714,6 +727,36 @@ def fit_irt(
     if selection is not None:
         fit.diagnostics["dims_selection"] = selection
     return _to_model(fit, kind, ids, labels, subj, {**common, "backend": backend, "dims": dims, "n_subjects": S})
+
+
+def refit_irt(model: IRTModel, responses: Any, mask: Any = None, *, subject_ids: Sequence[Any] | None = None,
+              em_rounds: int = 4, epochs: int = 200) -> IRTModel:
+    """Refit ``model`` on a (possibly larger, sparse) response matrix, warm-started from its parameters.
+
+    The first ``len(model.subject_ids)`` rows must be the model's own subjects (their abilities start where they
+    were); further rows (new subjects, e.g. the candidates a search evaluated, NaN where not asked) start at their
+    MAP ability under the current items. Online recalibration: the item model follows the region the new subjects
+    come from; a few EM rounds from a warm start take seconds. Same inputs → the same parameters.
+    """
+    Y, M = response_matrix(responses, mask)
+    old = 0 if model.theta is None else model.theta.shape[0]
+    if Y.shape[1] != model.n_items:
+        raise Merge3Error(f"refit: responses have {Y.shape[1]} items, the model {model.n_items}")
+    if Y.shape[0] < old:
+        raise Merge3Error(f"refit: {Y.shape[0]} subjects, fewer than the model's {old}")
+    new = map_logistic(model.a, model.b, Y[old:], M[old:], model.theta_mean, np.linalg.inv(model.theta_cov))
+    theta = np.concatenate([model.theta, new]) if old else new
+    meta = dict(model.metadata)
+    kind, seed = model.kind, int(meta.get("seed", 0))
+    with warnings.catch_warnings():  # a few warm rounds are the point: not running to convergence is no failure
+        warnings.simplefilter("ignore", IRTConvergenceWarning)
+        fit = _fit_map(Y, M, kind=kind, D=model.D, seed=seed, optimizer="lbfgs", epochs=epochs, lr=1.0,
+                       positive_a=bool(meta.get("positive_a", False)), em_rounds=em_rounds,
+                       init=(theta, model.a, model.b), hyper_init=model.diagnostics.get("prior"))
+    ids = list(model.subject_ids or [str(i) for i in range(old)])
+    ids += [str(s) for s in subject_ids[old:]] if subject_ids is not None else [f"new-{i}" for i in range(Y.shape[0] - old)]
+    return _to_model(fit, kind, list(model.item_ids), model.tasks, ids, {**meta, "refit_from": model.n_items,
+                                                                       "refit_subjects": int(Y.shape[0])})
 
 
 def select_dims(

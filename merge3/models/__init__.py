@@ -21,6 +21,7 @@ from merge3.models._io import (
     weight_files,
     write_text_atomic,
 )
+from merge3.models._tokenizers import check_same_tokenizer
 from merge3.models._task_vectors import (
     apply_task_vector,
     check_compatible,
@@ -38,6 +39,7 @@ __all__ = [
     "build_model",
     "check_compatible",
     "check_finite",
+    "check_same_tokenizer",
     "copy_model_files",
     "file_sha256",
     "is_mergeable",

@@ -1,6 +1,8 @@
-"""The fixed recipes a search has to beat, scored on the **full** bank: the base, each endpoint, and uniform task
-arithmetic, TIES, DARE and TSV-Merge with their strength (and density) grid-searched.
+"""The fixed recipes a search has to beat: the base, each endpoint, and uniform task arithmetic, TIES, DARE and
+TSV-Merge with their strength (and density) grid-searched.
 
+Every recipe is scored on every item; the grid point of each method is **chosen on the search split** (as a search
+would choose it) and **reported on the test split**, so no recipe gets an advantage on the items that judge merges.
 Scores are cached in ``<bank>/baselines/<key>.json``, keyed by the bank, the model files (path, size, mtime) and the
 grid, so the leaderboard and the benchmarks pay for them once per zoo.
 """
@@ -30,27 +32,33 @@ LABEL = {"task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "tsv_merge": "
 
 @dataclass(frozen=True)
 class Baseline:
-    """One fixed recipe and its full-bank scores."""
+    """One fixed recipe, its search-split scores (``scores``: what chooses its grid point) and its test-split
+    scores (``test_scores``: what it is reported with; None when the bank has no test split)."""
 
     name: str
     method: str
     setting: dict
     scores: dict[str, float]
+    test_scores: dict[str, float] | None = None
 
     @property
     def mean(self) -> float:
         return sum(self.scores.values()) / len(self.scores)
 
+    @property
+    def test_mean(self) -> float | None:
+        return None if not self.test_scores else sum(self.test_scores.values()) / len(self.test_scores)
+
 
 def full_bank_factory(config: dict, methods: list[str] | None = None):
-    """A workload factory that scores candidates of a run's (or space's) config on every item of its bank."""
-    from merge3.runtime._workload import MergeWorkloadFactory
+    """A workload factory for the candidates of a run's (or space's) config."""
+    from merge3.runtime import MergeWorkloadFactory
 
     models, genome = config["models"], config["genome"]
     factory = MergeWorkloadFactory(
         base=models.get("base"), endpoints=list(models["endpoints"]), bank=config["bank"]["path"],
         methods=list(methods or genome["methods"]), granularity=genome.get("granularity", "layer"),
-        items_per_task=None, estimator="full", seed=config.get("seed", 0), device=config.get("device", "auto"),
+        seed=config.get("seed", 0), device=config.get("device", "auto"),
     )
     factory._derive()
     return factory
@@ -90,20 +98,23 @@ def _cache_key(config: dict, methods: list[str]) -> str:
             files += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(path)]
     bank = Path(config["bank"]["path"])
     stamp = [(str(f), f.stat().st_mtime_ns) for f in sorted(bank.glob("*")) if f.is_file()]
-    payload = json.dumps({"files": files, "bank": stamp, "grid": {m: GRID.get(m) for m in methods},
-                          "methods": methods, "merges_revision": MERGES_REVISION}, sort_keys=True)
+    names = models.get("names") or [Path(p).name for p in models["endpoints"]]  # the rows are labelled with them
+    payload = json.dumps({"files": files, "bank": stamp, "grid": {m: GRID.get(m) for m in methods}, "names": names,
+                          "methods": methods, "merges_revision": MERGES_REVISION, "format": 2}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def baselines(config: dict, *, methods: list[str] | None = None, log: Callable[[str], None] = print,
-              cache: bool = True) -> list[Baseline]:
-    """Every fixed recipe of ``config``'s models scored on the full bank (cached in the bank folder).
+              cache: bool = True, compute: bool = True) -> list[Baseline] | None:
+    """Every fixed recipe of ``config``'s models scored on both splits of its bank (cached in the bank folder).
 
     ``config`` is a run's ``config.yaml`` (or a search space as a dict). For task-vector runs: the base, each
     endpoint and every grid point of TA/TIES/DARE/TSV-M; for same-task (c2m3) runs: each aligned endpoint and their
-    uniform average. ``best_per_method`` keeps the best grid point of each method.
+    uniform average. ``best_per_method`` keeps the best grid point of each method (on the search split).
+    ``compute=False`` returns the cached scores, or None when there are none yet (for views that must stay cheap).
     """
-    from merge3.runtime._executors import LocalExecutor
+    from merge3.itembank import ItemBank
+    from merge3.runtime import EvalRequest, LocalExecutor
 
     same_task = "c2m3" in config["genome"]["methods"]
     methods = ["c2m3"] if same_task else list(methods or GRID)
@@ -114,29 +125,39 @@ def baselines(config: dict, *, methods: list[str] | None = None, log: Callable[[
     path = Path(config["bank"]["path"]) / "baselines" / f"{key}.json"
     if cache and path.exists():
         return [Baseline(**row) for row in json.loads(path.read_text())["baselines"]]
+    if not compute:
+        return None
     factory = full_bank_factory(config, methods)
+    bank = ItemBank.load(factory.bank, warn=False)
     names = config["models"].get("names") or [Path(p).name for p in config["models"]["endpoints"]]
     recipes = _recipes([m for m in methods if m != "c2m3"], names, same_task)
-    log(f"scoring {len(recipes)} baseline recipes on the full bank ({factory.bank_items} items each)")
+    log(f"scoring {len(recipes)} baseline recipes on every item ({len(bank.search_indices)} search, "
+        f"{len(bank.test_indices)} test)")
+    every_item = tuple(range(len(bank)))
     executor = LocalExecutor(factory)
     try:
-        results = dict(executor.submit([[{"group": g, "method": method, "params": params} for g in factory.groups]
+        results = dict(executor.submit([EvalRequest([{"group": g, "method": method, "params": params}
+                                                     for g in factory.groups], items=every_item)
                                         for _, method, _, params in recipes]))
     finally:
         executor.close()
     failed = [(recipes[i][0], r.error) for i, r in results.items() if not r.ok]
     if failed:
         raise Merge3Error(f"baseline '{failed[0][0]}' failed: {failed[0][1]}")
-    out = [Baseline(name, method, setting, results[i].scores) for i, (name, method, setting, _) in enumerate(recipes)]
+    out = []
+    for i, (name, method, setting, _) in enumerate(recipes):
+        splits = bank.per_split_accuracy(*results[i].answered()[::-1])
+        out.append(Baseline(name, method, setting, splits["search"], splits["test"]))
     if cache:
         path.parent.mkdir(exist_ok=True)
-        rows = [{"name": b.name, "method": b.method, "setting": b.setting, "scores": b.scores} for b in out]
+        rows = [{"name": b.name, "method": b.method, "setting": b.setting, "scores": b.scores,
+                 "test_scores": b.test_scores} for b in out]
         write_text_atomic(path, json.dumps({"models": config["models"], "baselines": rows}, indent=2) + "\n")
     return out
 
 
 def best_per_method(rows: list[Baseline]) -> list[Baseline]:
-    """The base and endpoints as they are, and the best grid point of each merge method."""
+    """The base and endpoints as they are, and the best grid point of each merge method on the **search** split."""
     kept, best = [], {}
     for row in rows:
         if row.name == "base" or row.name.startswith("endpoint"):
@@ -146,4 +167,10 @@ def best_per_method(rows: list[Baseline]) -> list[Baseline]:
     return kept + list(best.values())
 
 
-__all__ = ["Baseline", "baselines", "best_per_method", "full_bank_factory"]
+def best_recipe(rows: list[Baseline]) -> Baseline | None:
+    """The fixed recipe a search has to beat: the best merge recipe on the search split (base and endpoints aside)."""
+    merges = [r for r in best_per_method(rows) if r.name != "base" and not r.name.startswith("endpoint")]
+    return max(merges, key=lambda r: r.mean, default=None)
+
+
+__all__ = ["Baseline", "baselines", "best_per_method", "best_recipe", "full_bank_factory"]

@@ -1,8 +1,11 @@
 """The leaderboard: the merges worth keeping across runs, beside the fixed recipes they have to beat.
 
 One row per merge: the top candidates of each single-objective run (and every verified one), the Pareto front of
-each multi-objective run, and per bank the base, the endpoints and the best grid point of TA/TIES/DARE/TSV-M (scored
-on the full bank, cached). ``score`` is the full-bank score when the merge was verified, else the estimate.
+each multi-objective run, and per bank the base, the endpoints and the best grid point of TA/TIES/DARE/TSV-M (chosen
+on the search split, cached). Three scores per merge: ``estimated_mean`` (the search's cheap fitness),
+``search_mean`` (every search-split item: what the search optimised) and ``test_mean`` (every test-split item: never
+seen by the search, the calibration or the recipe grid). ``score`` is the test score when there is one, else the
+search-split score, else the estimate, and ``score_on`` says which; rows rank by that order, then by score.
 """
 
 from __future__ import annotations
@@ -40,11 +43,6 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
     return runs
 
 
-def verified_scores(run: Run) -> dict:
-    path = run.path / "verified.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _methods(plan: list[dict]) -> str:
     methods = [g["method"] for g in plan]
     if len(set(methods)) == 1:
@@ -62,7 +60,7 @@ def _params(plan: list[dict]) -> str:
     return "; ".join(f"{g['group']}: " + " ".join(f"{k}={value(v)}" for k, v in g["params"].items()) for g in plan)
 
 
-def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:
+def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:  # noqa: C901
     from merge3.search import SearchResult
 
     records = [r for r in run.records() if r["error"] is None]
@@ -84,25 +82,30 @@ def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:
     return out
 
 
+def _mean(scores: dict | None) -> float | None:
+    return None if not scores else sum(scores.values()) / len(scores)
+
+
 def _merge_rows(run: Run, per_run: int) -> list[dict]:
     meta, config = run.meta, run.config
-    verified = verified_scores(run)
+    verified = run.verified()
     rows = []
     for record in _kept_records(run, per_run, verified):
-        key = f"{record['generation']}/{record['index']}"
-        true = verified.get(key, {}).get("true")
+        entry = verified.get(f"{record['generation']}/{record['index']}", {})
+        search, test = entry.get("search"), entry.get("test")
         row = {
             "bank": Path(config["bank"]["path"]).name, "kind": "merge", "run": run.path.name,
             "candidate": f"gen {record['generation']} #{record['index']}", "methods": _methods(record["plan"]),
-            "params": _params(record["plan"]), "verified": true is not None,
-            "estimated_mean": record["mean"], "true_mean": None if true is None else sum(true.values()) / len(true),
+            "params": _params(record["plan"]), "verified": search is not None,
+            "estimated_mean": record["mean"], "search_mean": _mean(search), "test_mean": _mean(test),
             "items": record["items_evaluated"], "run_items": meta.get("items_evaluated"),
             "run_full_bank_equivalent": meta.get("full_bank_equivalent"),
             "objectives": dict(zip(meta.get("objective_names") or config.get("objectives", []), record["objectives"])),
             "genome": record["genome"], "plan": record["plan"],
         }
         row.update({f"est:{t}": v for t, v in record["scores"].items()})
-        row.update({f"true:{t}": v for t, v in (true or {}).items()})
+        row.update({f"search:{t}": v for t, v in (search or {}).items()})
+        row.update({f"test:{t}": v for t, v in (test or {}).items()})
         rows.append(row)
     return rows
 
@@ -122,14 +125,15 @@ def _baseline_rows(runs: Sequence[Run], log: Callable[[str], None]) -> list[dict
         except (Merge3Error, OSError) as e:
             log(f"warning: no baselines for run {run.path.name}: {e}")
             continue
-        bank_items = len(ItemBank.load(config["bank"]["path"]))
+        bank_items = len(ItemBank.load(config["bank"]["path"], warn=False))
         for recipe in recipes:
             merged = recipe.name != "base" and not recipe.name.startswith("endpoint")
             row = {"bank": Path(config["bank"]["path"]).name, "kind": "baseline", "run": "",
                    "candidate": recipe.name, "methods": recipe.method if merged else "",
                    "params": json.dumps(recipe.setting), "verified": True, "estimated_mean": None,
-                   "true_mean": recipe.mean, "items": bank_items}
-            row.update({f"true:{t}": v for t, v in recipe.scores.items()})
+                   "search_mean": recipe.mean, "test_mean": recipe.test_mean, "items": bank_items}
+            row.update({f"search:{t}": v for t, v in recipe.scores.items()})
+            row.update({f"test:{t}": v for t, v in (recipe.test_scores or {}).items()})
             rows.append(row)
     return rows
 
@@ -140,10 +144,11 @@ def leaderboard(runs: str | os.PathLike | Iterable[str | os.PathLike] = "runs", 
     """The best merges across runs as a DataFrame, sorted by bank and score (best first).
 
     ``runs``: run folders or folders of runs. ``task``: score by that task alone. ``top``: keep the best ``top``
-    merges per bank (baselines always stay). ``verified_only``: only merges scored on the full bank (``merge3
+    merges per bank (baselines always stay). ``verified_only``: only merges verified on both splits (``merge3
     verify``). ``baselines``: add the base, endpoints and best uniform recipes (computed once, cached in the bank).
-    Columns: bank, kind, run, candidate, methods, params, verified, score, estimated_mean, true_mean, error
-    (estimated − true), items (evaluated for that candidate), ``est:<task>``/``true:<task>``, …
+    Columns: bank, kind, run, candidate, methods, score, score_on (test, search or estimate), verified,
+    estimated_mean, search_mean, test_mean, gap (test − search: how much the search fitted its items), error
+    (estimated − search), items (evaluated for that candidate), ``est:<task>``/``search:<task>``/``test:<task>``, …
 
     >>> import merge3
     >>> merge3.leaderboard("runs").head()  # doctest: +SKIP
@@ -157,25 +162,37 @@ def leaderboard(runs: str | os.PathLike | Iterable[str | os.PathLike] = "runs", 
     if frame.empty:
         return frame
     if task is not None:
-        columns = [c for c in frame.columns if c.startswith(("est:", "true:"))]
+        columns = [c for c in frame.columns if c.startswith(_SCORE_PREFIXES)]
         known = sorted({c.split(":", 1)[1] for c in columns})
         if task not in known:
             raise Merge3Error(f"--task '{task}' is not a task of these runs (tasks: {', '.join(known)})")
-    est = frame[f"est:{task}"] if task else frame["estimated_mean"]
-    true = frame[f"true:{task}"] if task else frame["true_mean"]
-    frame["score"] = true.where(true.notna(), est).astype(float)
-    frame["error"] = (frame["estimated_mean"].astype(float) - frame["true_mean"].astype(float))
+    for column in ("estimated_mean", "search_mean", "test_mean"):
+        frame[column] = frame[column].astype(float)
+    est, search, test = (_column(frame, f"{prefix}:{task}") if task else frame[f"{name}_mean"]
+                         for prefix, name in (("est", "estimated"), ("search", "search"), ("test", "test")))
+    frame["score_on"] = np.where(test.notna(), "test", np.where(search.notna(), "search", "estimate"))
+    frame["score"] = test.where(test.notna(), search.where(search.notna(), est)).astype(float)
+    frame["gap"] = frame["test_mean"] - frame["search_mean"]
+    frame["error"] = frame["estimated_mean"] - frame["search_mean"]
     if verified_only:
         frame = frame[frame["verified"]]
-    frame = frame.sort_values(["bank", "score"], ascending=[True, False], kind="stable")
+    frame["_tier"] = frame["score_on"].map({"test": 0, "search": 1, "estimate": 2})
+    frame = frame.sort_values(["bank", "_tier", "score"], ascending=[True, True, False], kind="stable").drop(columns="_tier")
     if top is not None:
         is_merge = frame["kind"] == "merge"
         rank = frame[is_merge].groupby("bank").cumcount()
         frame = frame[~is_merge | frame.index.isin(rank[rank < top].index)]
-    first = ["bank", "kind", "run", "candidate", "methods", "score", "verified", "estimated_mean", "true_mean",
-             "error", "items"]
+    first = ["bank", "kind", "run", "candidate", "methods", "score", "score_on", "verified", "estimated_mean",
+             "search_mean", "test_mean", "gap", "error", "items"]
     rest = [c for c in frame.columns if c not in first]
     return frame[first + sorted(c for c in rest if ":" in c) + [c for c in rest if ":" not in c]].reset_index(drop=True)
+
+
+_SCORE_PREFIXES = ("est:", "search:", "test:")
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name].astype(float) if name in frame else pd.Series(np.nan, index=frame.index)
 
 
 # ---- output -----------------------------------------------------------------------------------------------------
@@ -192,12 +209,12 @@ def _flat(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _summary_columns(frame: pd.DataFrame, task: str | None) -> list[str]:
-    tasks = [c for c in frame.columns if c.startswith("true:") or c.startswith("est:")]
-    shown = ["bank", "kind", "run", "candidate", "methods", "score", "verified", "estimated_mean", "true_mean",
-             "error", "items"]
+    tasks = [c for c in frame.columns if c.startswith(_SCORE_PREFIXES)]
+    shown = ["bank", "kind", "run", "candidate", "methods", "score", "score_on", "verified", "estimated_mean",
+             "search_mean", "test_mean", "gap", "error", "items"]
     if task is None:
         names = list(dict.fromkeys(c.split(":", 1)[1] for c in tasks))
-        shown += [f"true:{t}" for t in names if f"true:{t}" in frame]
+        shown += [f"test:{t}" for t in names if f"test:{t}" in frame]
     return [c for c in shown if c in frame]
 
 
@@ -232,22 +249,24 @@ def format_leaderboard(frame: pd.DataFrame, fmt: str, task: str | None = None) -
 
 
 def print_leaderboard(frame: pd.DataFrame, console, task: str | None = None) -> None:
-    """A rich table per bank: rank, merge, methods, score, estimate, full-bank score, error (estimate − full),
-    items evaluated; per-task full-bank scores too when the terminal is wide enough."""
+    """A rich table per bank: rank, merge, methods, estimate, search-split score, test score, gap (test − search),
+    items evaluated; per-task test scores too when the terminal is wide enough."""
     from rich.table import Table
 
     if frame.empty:
         console.print("no runs with successful candidates found")
         return
     for bank, rows in frame.groupby("bank", sort=False):
-        tasks = [c for c in rows.columns if c.startswith("true:")] if task is None else []
+        tasks = [c for c in rows.columns if c.startswith("test:") and rows[c].notna().any()] if task is None else []
         if console.width < 100 + 8 * len(tasks):
             tasks = []
-        table = Table(title=f"leaderboard — bank {bank}" + (f", task {task}" if task else ""))
-        numbers = [("est.", "estimated_mean"), ("full", "true_mean"), ("items", "items")]
-        if console.width >= 100:  # a narrow terminal keeps the estimate and the full-bank score
-            numbers[2:2] = [("error", "error")]
-            numbers.insert(0, ("score", "score"))
+        split_note = "" if rows["test_mean"].notna().any() else " (no test split: search split only)"
+        table = Table(title=f"leaderboard — bank {bank}" + (f", task {task}" if task else "") + split_note,
+                      caption="est. = cheap fitness; search = every search item (what the search optimised); "
+                              "test = items no search saw; gap = test − search")
+        numbers = [("est.", "estimated_mean"), ("search", "search_mean"), ("test", "test_mean"), ("items", "items")]
+        if console.width >= 100:  # a narrow terminal keeps the three scores
+            numbers[3:3] = [("gap", "gap")]
         numbers += [(c.split(":", 1)[1], c) for c in tasks]
         table.add_column("#", justify="right", no_wrap=True)
         table.add_column("merge", no_wrap=True, overflow="ellipsis", max_width=30)
@@ -277,7 +296,7 @@ def _cell(column: str, value) -> str:
         return "yes" if value else "no"
     if column == "items":
         return f"{int(value):,}"
-    if column == "error":
+    if column in ("error", "gap"):
         return f"{value:+.3f}"
     if isinstance(value, (float, np.floating)):
         return f"{value:.3f}"

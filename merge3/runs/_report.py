@@ -1,10 +1,12 @@
 """``runs/<id>/report.html``: one self-contained page (images inlined) on what a search found and what it cost, with
 the same plots as PNGs in ``runs/<id>/report/`` for people who read in a terminal.
 
-Plots: convergence (best so far and generation mean of the first objective, with the full-bank scores of verified
-candidates), the Pareto front (multi-objective runs), the best genome per layer group (weights and method), the
-estimator's error (estimated vs full-bank score of verified candidates, per task) and the cost (items evaluated vs
-what scoring every candidate on the full bank would have taken).
+Plots: convergence (best so far and generation mean of the first objective, the search-split and test scores of
+verified candidates, and the best fixed recipe as a line), the Pareto front (multi-objective runs), the best genome
+per layer group (weights and method), the estimator's error (estimated vs search-split score of verified
+candidates, per task) and the cost (items evaluated vs what scoring every candidate on every search item would have
+taken). Every number says which split it is on: estimates and "search" scores are on the items the search
+optimised, "test" scores on items it never saw.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 
 from merge3.methods import has_row_blocks, mean_weight
 from merge3.models import write_text_atomic
-from merge3.runs._leaderboard import verified_scores
+from merge3.runs._baselines import Baseline, best_recipe
+from merge3.runs._baselines import baselines as cached_baselines
 from merge3.runs._run import Run
 
 
@@ -41,7 +44,7 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def convergence_plot(records: list[dict], verified: dict, objective: str) -> bytes:
+def convergence_plot(records: list[dict], verified: dict, objective: str, recipe: Baseline | None = None) -> bytes:
     generations = sorted({r["generation"] for r in records})
     best, mean, so_far = [], [], -np.inf
     for g in generations:
@@ -55,9 +58,18 @@ def convergence_plot(records: list[dict], verified: dict, objective: str) -> byt
     if verified:
         v = sorted(verified.values(), key=lambda x: x["generation"])
         ax.scatter([x["generation"] for x in v], [x["estimated_mean"] for x in v], marker="x", color="C3",
-                   label="verified candidates: estimate", zorder=3)
-        ax.scatter([x["generation"] for x in v], [x["true_mean"] for x in v], marker="*", s=120, color="C2",
-                   label="verified candidates: full bank", zorder=3)
+                   label="verified: estimate", zorder=3)
+        ax.scatter([x["generation"] for x in v], [x["search_mean"] for x in v], marker="*", s=120, color="C2",
+                   label="verified: every search item", zorder=3)
+        tested = [x for x in v if x.get("test_mean") is not None]
+        if tested:
+            ax.scatter([x["generation"] for x in tested], [x["test_mean"] for x in tested], marker="D", s=50,
+                       color="C4", label="verified: test split (unseen)", zorder=3)
+    if recipe is not None and objective == "mean":
+        ax.axhline(recipe.mean, color="C7", linestyle=":", label=f"best fixed recipe {recipe.name}: search split")
+        if recipe.test_mean is not None:
+            ax.axhline(recipe.test_mean, color="C4", linestyle=":", alpha=0.7,
+                       label=f"best fixed recipe: test {recipe.test_mean:.3f}")
     ax.set_xlabel("generation")
     ax.set_ylabel("mean accuracy" if objective == "mean" else objective)
     ax.set_title("convergence")
@@ -110,16 +122,16 @@ def genome_plot(record: dict, endpoint_names: list[str]) -> bytes:
 
 def error_plot(verified: dict) -> bytes:
     fig, ax = _figure(5.0, 5.0)
-    tasks = list(next(iter(verified.values()))["true"])
+    tasks = list(next(iter(verified.values()))["search"])
     for k, task in enumerate(tasks):
-        ax.scatter([v["true"][task] for v in verified.values()], [v["estimated"][task] for v in verified.values()],
+        ax.scatter([v["search"][task] for v in verified.values()], [v["estimated"][task] for v in verified.values()],
                    label=task, color=f"C{k}", s=20)
-    ax.scatter([v["true_mean"] for v in verified.values()], [v["estimated_mean"] for v in verified.values()],
+    ax.scatter([v["search_mean"] for v in verified.values()], [v["estimated_mean"] for v in verified.values()],
                marker="*", s=150, color="black", label="mean")
-    low = min(min(v["true"].values()) for v in verified.values()) - 0.05
-    high = max(max(v["true"].values()) for v in verified.values()) + 0.05
+    low = min(min(v["search"].values()) for v in verified.values()) - 0.05
+    high = max(max(v["search"].values()) for v in verified.values()) + 0.05
     ax.plot([low, high], [low, high], color="grey", linewidth=1)
-    ax.set_xlabel("full-bank accuracy")
+    ax.set_xlabel("accuracy on every search-split item")
     ax.set_ylabel("estimated accuracy")
     ax.set_title("estimator error on verified candidates")
     ax.grid(alpha=0.3)
@@ -129,7 +141,7 @@ def error_plot(verified: dict) -> bytes:
 
 def cost_plot(items: int, full: int) -> bytes:
     fig, ax = _figure(5.0, 3.0)
-    ax.barh(["this search", "full-bank evolution"], [items, full], color=["C2", "C7"])
+    ax.barh(["this search", "every search item"], [items, full], color=["C2", "C7"])
     ax.set_xscale("log")
     ax.set_xlabel("items evaluated (log scale)")
     ax.set_title(f"cost: {full / max(items, 1):.0f}× fewer item evaluations")
@@ -158,13 +170,14 @@ def write_report(run_dir: str | Path) -> Path:
     run = Run.open(run_dir)
     config, meta = run.config, run.meta
     records = [r for r in run.records() if r["error"] is None]
-    verified = verified_scores(run)
+    verified = run.verified()
     names = meta.get("objective_names") or config.get("objectives", ["mean"])  # 'per_task' expands to tasks
     endpoint_names = config["models"].get("names") or [Path(p).name for p in config["models"]["endpoints"]]
+    recipe = _best_recipe(config)
     plots: dict[str, tuple[str, bytes]] = {}
     notes = []
     if records:
-        plots["convergence"] = ("Convergence", convergence_plot(records, verified, names[0]))
+        plots["convergence"] = ("Convergence", convergence_plot(records, verified, names[0], recipe))
         if len(records[0]["objectives"]) > 1:
             plots["pareto"] = ("Pareto front", pareto_plot(records, names))
         best = max(records, key=lambda r: r["objectives"][0])
@@ -172,9 +185,13 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         notes.append("No candidate was evaluated successfully yet.")
     if verified:
-        plots["estimator_error"] = ("Estimated vs full-bank accuracy", error_plot(verified))
+        plots["estimator_error"] = ("Estimated vs search-split accuracy", error_plot(verified))
     else:
-        notes.append(f"No candidate verified on the full bank yet: run `merge3 verify {run.path}`.")
+        notes.append(f"No candidate verified yet: run `merge3 verify {run.path}` to score the best on every search "
+                     "item and on the test split.")
+    if recipe is None:
+        notes.append("The fixed-recipe baselines are not computed yet: `merge3 verify` or `merge3 leaderboard` "
+                     "computes them (once per bank).")
     items = sum(r["items_evaluated"] for r in run.records())
     full = meta.get("full_bank_equivalent") or 0
     if items and full:
@@ -183,25 +200,41 @@ def write_report(run_dir: str | Path) -> Path:
     folder = run.path / "report"
     for name, (_, png) in plots.items():
         write_text_atomic(folder / f"{name}.png", png)
+    tested = [v for v in verified.values() if v.get("test_mean") is not None]
+    split = "none — every score is on the search split only" if verified and not tested else "search / test"
     summary = [
         ["run", run.path.name], ["status", meta.get("status", "?")], ["engine", meta.get("engine", "?")],
         ["objectives", ", ".join(names)], ["candidates", len(run.records())],
-        ["items evaluated", f"{items:,}"], ["full-bank equivalent", f"{full:,}" if full else "—"],
+        ["items evaluated", f"{items:,}"], ["every search item for every candidate", f"{full:,}" if full else "—"],
         ["cost ratio", f"{full / items:.1f}×" if items and full else "—"],
         ["wall time", f"{meta['wall_seconds']:.1f} s" if "wall_seconds" in meta else "—"],
-        ["bank", config["bank"]["path"]], ["estimator", f"{config['bank'].get('estimator')} on "
-                                          f"{config['bank'].get('items_per_task')} items per task"],
+        ["bank", config["bank"]["path"]], ["bank splits", split],
+        ["fitness", f"{config['bank'].get('estimator')} on {config['bank'].get('items_per_task')} search items per task"],
     ]
+    if tested:
+        top = max(tested, key=lambda v: v["test_mean"])
+        gaps = [v["test_mean"] - v["search_mean"] for v in tested]
+        summary.append(["best verified merge, test split", f"{top['test_mean']:.4f} (gen {top['generation']} "
+                                                           f"#{top['index']})"])
+        summary.append(["generalisation gap (test − search), verified merges",
+                        f"{np.mean(gaps):+.4f} (from {min(gaps):+.4f} to {max(gaps):+.4f})"])
+        if recipe is not None and recipe.test_mean is not None:
+            summary.append([f"margin over the best fixed recipe ({recipe.name}), test split",
+                            f"{top['test_mean'] - recipe.test_mean:+.4f}"])
     parts = [f"<h1>merge3 run {html.escape(run.path.name)}</h1>", _table(summary, ["", ""])]
     if records:
-        top = sorted(records, key=lambda r: -r["objectives"][0])[:5]
+        top_records = sorted(records, key=lambda r: -r["objectives"][0])[:5]
         rows = []
-        for r in top:
-            v = verified.get(f"{r['generation']}/{r['index']}")
+        for r in top_records:
+            v = verified.get(f"{r['generation']}/{r['index']}") or {}
             rows.append([f"gen {r['generation']} #{r['index']}", ", ".join(f"{g['group']}={g['method']}" for g in r["plan"]),
-                         *(f"{x:.4f}" for x in r["objectives"]), f"{v['true_mean']:.4f}" if v else "—",
+                         *(f"{x:.4f}" for x in r["objectives"]), _fmt(v.get("search_mean")), _fmt(v.get("test_mean")),
                          r["items_evaluated"]])
-        parts += ["<h2>Best candidates</h2>", _table(rows, ["candidate", "methods", *names, "full bank", "items"])]
+        if recipe is not None:
+            rows.append([f"best fixed recipe: {recipe.name}", recipe.method, *(["—"] * len(names)), _fmt(recipe.mean),
+                         _fmt(recipe.test_mean), "every item"])
+        parts += ["<h2>Best candidates</h2>", _table(rows, ["candidate", "methods", *(f"{n} (estimated)" for n in names),
+                                                           "search split", "test split (unseen)", "items"])]
     for name, (title, png) in plots.items():
         data = base64.b64encode(png).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
@@ -213,6 +246,19 @@ def write_report(run_dir: str | Path) -> Path:
     path = run.path / "report.html"
     write_text_atomic(path, page)
     return path
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _best_recipe(config: dict) -> Baseline | None:
+    """The best fixed recipe on the search split, if the bank's baselines are cached (a report never computes them)."""
+    try:
+        rows = cached_baselines(config, compute=False, log=lambda m: None)
+    except Exception:  # noqa: BLE001  (a report is a view: a missing model file must not stop it)
+        return None
+    return best_recipe(rows) if rows else None
 
 
 __all__ = ["write_report"]

@@ -8,6 +8,7 @@
       evaluations.jsonl    one line per evaluated candidate, flushed and fsynced after each
       checkpoint/gen-NNNN.json   engine population and objectives per generation (atomic)
       best.json, pareto.parquet  written when the search ends
+      verified.json        search- and test-split scores of the candidates ``merge3 verify`` checked
       log.txt
 
 ``pd.read_json("runs/<id>/evaluations.jsonl", lines=True)`` reads every evaluation.
@@ -28,6 +29,7 @@ import yaml
 from merge3 import __version__
 from merge3._errors import Merge3Error
 from merge3.models import write_text_atomic
+from merge3.search import latest
 
 EVALUATIONS = "evaluations.jsonl"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -124,8 +126,9 @@ class Run:
             self._evaluations = None
 
     # ---- reading back ---------------------------------------------------------------------------------------
-    def records(self, repair: bool = False) -> list[dict]:
-        """Every recorded evaluation. A line cut short by a kill is dropped (and removed when ``repair``)."""
+    def records(self, repair: bool = False, every_rung: bool = False) -> list[dict]:
+        """The latest record of every evaluated candidate (``every_rung``: every line, promotions included). A line
+        cut short by a kill is dropped (and removed when ``repair``)."""
         file = self.path / EVALUATIONS
         if not file.exists():
             return []
@@ -143,10 +146,29 @@ class Run:
             text += "\n"  # a complete record whose newline was cut: the next append must start a new line
         if repair and text != "".join(lines):
             write_text_atomic(file, text)
-        return records
+        return records if every_rung else latest(records)
 
-    def replay(self) -> dict[tuple[int, int], dict]:
-        return {(r["generation"], r["index"]): r for r in self.records(repair=True)}
+    def replay(self) -> dict[tuple[int, int, int], dict]:
+        return {(r["generation"], r["index"], r.get("rung", 0)): r for r in self.records(repair=True, every_rung=True)}
+
+    def verified(self) -> dict:
+        """``verified.json``: "generation/index" → estimated, search-split and test-split scores (``merge3 verify``).
+
+        Runs verified before banks had splits stored one full-bank score ("true"): it is read as a search-split
+        score with no test score, which is what it was.
+        """
+        path = self.path / "verified.json"
+        if not path.exists():
+            return {}
+        entries = json.loads(path.read_text())
+        for entry in entries.values():
+            if "search" not in entry and "true" in entry:
+                entry.update(search=entry.pop("true"), search_mean=entry.pop("true_mean", None), test=None,
+                             test_mean=None)
+        return entries
+
+    def write_verified(self, entries: dict) -> None:
+        write_text_atomic(self.path / "verified.json", json.dumps(entries, indent=2, default=_json_default) + "\n")
 
     def evaluations(self) -> pd.DataFrame:
         return pd.read_json(self.path / EVALUATIONS, lines=True) if (self.path / EVALUATIONS).exists() else pd.DataFrame()

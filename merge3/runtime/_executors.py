@@ -25,7 +25,7 @@ from merge3.runtime._result import CandidateResult
 
 
 class Workload(Protocol):
-    def evaluate(self, plan: list[dict]) -> CandidateResult: ...
+    def evaluate(self, request: Any) -> CandidateResult: ...
 
 
 class WorkloadFactory(Protocol):
@@ -53,10 +53,10 @@ def _gib(n: int | None) -> str:
     return "unknown size" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def safe_evaluate(workload: Workload, plan: list[dict], worker: str) -> CandidateResult:
+def safe_evaluate(workload: Workload, request: Any, worker: str) -> CandidateResult:
     """Evaluate, turning any exception into a failed result so that the search goes on."""
     try:
-        result = workload.evaluate(plan)
+        result = workload.evaluate(request)
     except Exception as e:  # a failed candidate is data, not a crash of the search
         result = CandidateResult(error=describe_error(e, worker, workload), details={"traceback": traceback.format_exc(limit=5)})
     result.worker = worker
@@ -70,9 +70,9 @@ class LocalExecutor:
         self.workload = factory.build(factory.load_inputs())
         self.name = f"local:{os.getpid()}"
 
-    def submit(self, plans: Sequence[list[dict]]) -> Iterator[tuple[int, CandidateResult]]:
-        for i, plan in enumerate(plans):
-            yield i, safe_evaluate(self.workload, plan, self.name)
+    def submit(self, requests: Sequence[Any]) -> Iterator[tuple[int, CandidateResult]]:
+        for i, request in enumerate(requests):
+            yield i, safe_evaluate(self.workload, request, self.name)
 
     def workers(self) -> list[str]:
         return [self.name]
@@ -139,8 +139,8 @@ class _ActorBody:
         self.name = f"{socket.gethostname()}/node-{ray_node_id()[:8]}/pid-{os.getpid()}"
         self.workload = factory.build(inputs)
 
-    def evaluate(self, plan: list[dict]) -> CandidateResult:
-        return safe_evaluate(self.workload, plan, self.name)
+    def evaluate(self, request: Any) -> CandidateResult:
+        return safe_evaluate(self.workload, request, self.name)
 
     def identity(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "node": ray_node_id()}
@@ -183,18 +183,18 @@ class RayExecutor:
     def actor_pids(self) -> list[int]:
         return [self.identities[id(a)]["pid"] for a in self.actors]
 
-    def submit(self, plans: Sequence[list[dict]]) -> Iterator[tuple[int, CandidateResult]]:
+    def submit(self, requests: Sequence[Any]) -> Iterator[tuple[int, CandidateResult]]:
         import ray
         from ray.exceptions import RayActorError
 
-        pending = deque((i, 0) for i in range(len(plans)))
+        pending = deque((i, 0) for i in range(len(requests)))
         idle = deque(self.actors)
         in_flight: dict[Any, tuple[Any, int, int]] = {}
         while pending or in_flight:
             while pending and idle:
                 actor = idle.popleft()
                 i, attempts = pending.popleft()
-                in_flight[actor.evaluate.remote(plans[i])] = (actor, i, attempts)
+                in_flight[actor.evaluate.remote(requests[i])] = (actor, i, attempts)
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             actor, i, attempts = in_flight.pop(ref)
             try:
@@ -259,7 +259,8 @@ class _SyntheticWorkload:
     def __init__(self, factory: SyntheticFactory, targets: Sequence[float]):
         self.factory, self.targets = factory, targets
 
-    def evaluate(self, plan: list[dict]) -> CandidateResult:
+    def evaluate(self, plan) -> CandidateResult:
+        plan = getattr(plan, "plan", plan)  # an EvalRequest or a bare plan
         started = time.perf_counter()
         if self.factory.delay:
             time.sleep(self.factory.delay)

@@ -1,18 +1,36 @@
-"""What evaluating one candidate returns, whichever executor ran it."""
+"""What a worker is asked (an ``EvalRequest``) and what evaluating one candidate returns (a ``CandidateResult``),
+whichever executor ran it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 
+@dataclass(frozen=True)
+class EvalRequest:
+    """One candidate for a worker: build ``plan`` into the resident model, then answer ``items`` (bank row
+    positions; None = every search item), or, with ``adaptive``, choose its items itself (adaptive testing).
+
+    >>> EvalRequest([{"group": "all", "method": "task_arithmetic", "params": {"weights": [0.5]}}], items=(0, 3)).items
+    (0, 3)
+    """
+
+    plan: list[dict]
+    items: tuple[int, ...] | None = None
+    adaptive: Any = None
+
+
 @dataclass
 class CandidateResult:
-    """Estimated per-task accuracy of one candidate merge and what it cost.
+    """Per-task accuracy (estimated, or exact on the items answered) of one candidate merge and what it cost.
 
-    ``scores`` are the estimator's full-bank accuracy estimates per task; ``items_evaluated`` counts the forward
-    passes (items answered); ``error`` is set, and ``scores`` empty, when the evaluation failed.
+    ``answers`` holds the bank rows the candidate answered and whether each was right (``{"items": [...],
+    "correct": [0/1 ...]}``), so every estimate can be recomputed later. A worker fills ``scores`` with the mean of
+    its answers per task; the search's fitness replaces them with its estimate and ``se`` with its standard error.
+    ``items_evaluated`` counts the items answered; ``error`` is set, and ``scores`` empty, when the evaluation failed.
     """
 
     scores: dict[str, float] = field(default_factory=dict)
@@ -22,6 +40,8 @@ class CandidateResult:
     worker: str = "local"
     error: str | None = None
     details: dict = field(default_factory=dict)
+    answers: dict = field(default_factory=dict)
+    se: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -30,6 +50,11 @@ class CandidateResult:
     @property
     def mean(self) -> float:
         return float(np.mean(list(self.scores.values()))) if self.scores else float("nan")
+
+    def answered(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bank rows, 0/1 correctness) of every item this candidate answered."""
+        return (np.asarray(self.answers.get("items", []), dtype=np.int64),
+                np.asarray(self.answers.get("correct", []), dtype=np.int8))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "mean": None if not self.scores else self.mean}

@@ -1,17 +1,17 @@
-"""The real workload: a resident model that becomes each candidate merge in place and answers its item subset.
+"""The real workload: a resident model that becomes each candidate merge in place and answers the items it is asked.
 
 The factory is a small, picklable description (paths and settings). ``load_inputs`` reads the base and endpoint
 weights once on the driver (for Ray they then travel through the object store once); ``build`` makes, on a worker:
-the resident module on its device, a ``CandidateBuilder`` with everything precomputed, the bank's evaluator, and the
-fitness estimator with its fixed item subset. ``evaluate(plan)`` then writes the candidate's weights straight into
-the module's parameters, runs the subset, and turns the answers into per-task accuracy estimates.
+the resident module on its device, a ``CandidateBuilder`` with everything precomputed, and the bank's evaluator.
+``evaluate(request)`` then writes the candidate's weights straight into the module's parameters and answers the
+request's items (or runs its adaptive test, which picks the items one batch at a time). It returns the answers; the
+search's fitness turns them into estimates on the driver, where all answers of the run are known.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from merge3.itembank import ItemBank, load_model_for, make_evaluator
 from merge3.methods import CandidateBuilder, align_to_universe, c2m3, layer_groups, mlp_spec, plans_from_choices
 from merge3.methods._params import layer_index
 from merge3.models import check_compatible, check_finite, load_state_dict, open_lazy, read_config
-from merge3.runtime._result import CandidateResult
+from merge3.runtime._result import CandidateResult, EvalRequest
 
 
 def resolve_device(name: str) -> str:
@@ -40,23 +40,19 @@ class MergeWorkloadFactory:
     bank: str
     methods: list[str]
     granularity: str = "layer"
-    items_per_task: int | None = 20
-    subset: str = "random"
-    estimator: str = "gmp-irt"
     seed: int = 0
     device: str = "auto"
     # derived on the driver, so every worker agrees
     groups: dict[str, list[str]] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
-    bank_items: int = 0
+    bank_items: int = 0  # search items: what "the full bank" means to a search
 
     @classmethod
     def from_space(cls, space) -> MergeWorkloadFactory:
         factory = cls(
             base=space.models.base, endpoints=list(space.models.endpoints), bank=space.bank.path,
-            methods=list(space.genome.methods), granularity=space.genome.granularity,
-            items_per_task=space.bank.items_per_task, subset=space.bank.subset, estimator=space.bank.estimator,
-            seed=space.seed, device=space.device,
+            methods=list(space.genome.methods), granularity=space.genome.granularity, seed=space.seed,
+            device=space.device,
         )
         factory._derive()
         return factory
@@ -73,8 +69,7 @@ class MergeWorkloadFactory:
         float_keys = [k for k in reference if reference.dtype(k).is_floating_point]
         self.groups = layer_groups(float_keys, self.granularity)
         bank = ItemBank.load(self.bank)
-        self.tasks, self.bank_items = bank.tasks, len(bank)
-        make_fitness_estimator(bank, self)  # fail now, not on a worker, if the bank is not calibrated for it
+        self.tasks, self.bank_items = bank.tasks, len(bank.search_indices)
 
     @property
     def n_models(self) -> int:
@@ -110,30 +105,38 @@ class MergeWorkload:
         self.factory = factory
         self.device = resolve_device(factory.device)
         template = factory.base or factory.endpoints[0]
-        bank = ItemBank.load(factory.bank)
-        self.module = load_model_for(bank, template, device=self.device) if read_config(template) else None
+        self.bank = ItemBank.load(factory.bank, warn=False)
+        self.module = load_model_for(self.bank, template, device=self.device) if read_config(template) else None
         if self.module is None:
             raise Merge3Error(f"'{template}' has no config.json: the search needs a runnable model folder")
         self.builder = CandidateBuilder(inputs["base"], inputs["endpoints"], device=self.device)
         self.builder.precompute(factory.methods, seeds=[0])
         self.destination = _destination(self.module, self.builder.keys)
         self.model_bytes = sum(t.numel() * t.element_size() for t in self.destination.values())
-        self.evaluator = make_evaluator(bank, device=self.device, tokenizer_from=template)
-        self.fitness = make_fitness_estimator(bank, factory)
+        self.evaluator = make_evaluator(self.bank, device=self.device, tokenizer_from=template)
+        self.search_items = self.bank.search_indices
         self._method_alias = {"c2m3": "linear"}  # c2m3 inputs are already aligned: a candidate is their average
 
-    def evaluate(self, plan: list[dict]) -> CandidateResult:
+    def evaluate(self, request: EvalRequest | list[dict]) -> CandidateResult:
+        """Build the candidate in place, answer its items; ``scores`` = the plain mean per task of those answers."""
+        if not isinstance(request, EvalRequest):
+            request = EvalRequest(list(request))
         started = time.perf_counter()
-        choices = [{**c, "method": self._method_alias.get(c["method"], c["method"])} for c in plan]
+        choices = [{**c, "method": self._method_alias.get(c["method"], c["method"])} for c in request.plan]
         self.builder.build(plans_from_choices(self.factory.groups, choices), out=self.destination)
         _check_finite_merge(self.destination)
         built = time.perf_counter()
-        correct = self.evaluator(self.module, self.fitness.indices)
-        scores = self.fitness.estimate(correct)
+        answer = lambda rows: np.asarray(self.evaluator(self.module, rows), dtype=np.int8)  # noqa: E731
+        if request.adaptive is not None:
+            items, correct = request.adaptive.run(answer)
+        else:
+            items = self.search_items if request.items is None else np.asarray(request.items, dtype=np.int64)
+            correct = answer(items)
+        items, correct = np.asarray(items, dtype=np.int64), np.asarray(correct, dtype=np.int8)
         return CandidateResult(
-            scores=scores, items_evaluated=len(self.fitness.indices), build_seconds=built - started,
-            eval_seconds=time.perf_counter() - built,
-            details={"subset_correct": int(np.sum(correct))},
+            scores=self.bank.per_task_accuracy(correct, items), items_evaluated=int(items.size),
+            build_seconds=built - started, eval_seconds=time.perf_counter() - built,
+            answers={"items": items.tolist(), "correct": correct.tolist()},
         )
 
 
@@ -150,69 +153,3 @@ def _check_finite_merge(tensors: dict[str, torch.Tensor]) -> None:
     bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
         raise FloatingPointError(f"the merged weights have NaN/Inf in '{bad}'")
-
-
-class FullBankFitness:
-    """Every item, exact accuracy: the expensive reference the cheap estimators are measured against."""
-
-    def __init__(self, bank: ItemBank):
-        self.bank = bank
-        self.indices = np.arange(len(bank))
-
-    def estimate(self, correct: np.ndarray) -> dict[str, float]:
-        return self.bank.per_task_accuracy(correct, self.indices)
-
-
-class NaiveFitness:
-    """A seeded random subset, stratified per task, scored by its plain mean: needs no calibration."""
-
-    def __init__(self, bank: ItemBank, n: int, seed: int):
-        from merge3.itembank import select_subset
-
-        self.bank = bank
-        self.subset = select_subset(bank.task_of, n, method="random", seed=seed)
-        self.indices = self.subset.indices.astype(np.int64)
-
-    def estimate(self, correct: np.ndarray) -> dict[str, float]:
-        correct = np.asarray(correct, dtype=float)
-        return {t: float(np.sum(correct[self.subset.tasks == t] * self.subset.weights[self.subset.tasks == t]))
-                for t in self.bank.tasks}
-
-
-class IRTFitness:
-    """The calibrated subset of a bank and one of the cheap estimators (naive, IRT, p/gp/mp/gmp-IRT)."""
-
-    def __init__(self, bank: ItemBank, estimator, method: str, subset: str, n: int):
-        self.bank, self.estimator, self.method, self.subset, self.n = bank, estimator, method, subset, n
-        self.indices = np.asarray(estimator.items(n, subset, as_indices=True), dtype=np.int64)
-        if estimator.model.item_ids != bank.item_ids:
-            raise Merge3Error(f"the calibration of '{bank.path}' was made for other items: recalibrate the bank")
-
-    def estimate(self, correct: np.ndarray) -> dict[str, float]:
-        per_task = self.estimator.estimate_matrix(np.asarray(correct, dtype=float)[None, :], self.method, n=self.n,
-                                                  subset=self.subset, subset_only=True)[0]
-        return {t: float(v) for t, v in zip(self.estimator.task_names, per_task)}
-
-
-SUBSET_NAMES = {"random": "random", "anchor": "anchor-irt"}  # search-space names → calibration names
-
-
-def make_fitness_estimator(bank: ItemBank, factory: MergeWorkloadFactory):
-    """Full-bank accuracy, or the calibrated estimator the space asks for (an error if the bank lacks it)."""
-    if factory.estimator == "full" or factory.items_per_task is None:
-        return FullBankFitness(bank)
-    from merge3.itembank._estimators import Estimator
-
-    folder = bank.path / "calibration"
-    if factory.estimator == "naive" and factory.subset == "random" and not (folder / "estimator.json").exists():
-        return NaiveFitness(bank, factory.items_per_task, factory.seed)
-    if not (folder / "estimator.json").exists():
-        raise Merge3Error(f"bank.estimator '{factory.estimator}' needs a calibrated bank, and '{bank.path}' is not "
-                          f"calibrated: run `merge3 calibrate {bank.path} --base … --models …`")
-    estimator = Estimator.load(folder)
-    subset, n = SUBSET_NAMES[factory.subset], factory.items_per_task
-    if (subset, n) not in estimator.subsets:
-        have = ", ".join(f"{m}/{k}" for m, k in sorted(estimator.subsets))
-        raise Merge3Error(f"bank.items_per_task: the calibration of '{bank.path}' has no {subset} subset with "
-                          f"n={n} per task (calibrated: {have})")
-    return IRTFitness(bank, estimator, factory.estimator, subset, n)

@@ -1,17 +1,27 @@
 """Evolutionary search over merge plans: genome, engines (pymoo, Optuna) and the engine-agnostic loop."""
 
+from merge3.search._calibrate import CalibrationSettings, calibrate_bank, calibration_path
 from merge3.search._engines import Engine, OptunaEngine, PymooEngine, make_engine
+from merge3.search._fitness import CheapFitness, Fitness, SearchSplitFitness, load_calibration, make_fitness
 from merge3.search._genome import Choice, Genome, GroupChoice, Real
-from merge3.search._loop import Executor, Objectives, Recorder, Search, SearchResult, import_objective
+from merge3.search._loop import Executor, Objectives, Recorder, Search, SearchResult, best_record, import_objective, latest
+from merge3.search._progress import QuietProgress, RichProgress
 from merge3.search._space import SearchSpace, load_space, parse_space
 
 __all__ = [
+    "CalibrationSettings",
+    "calibrate_bank",
+    "calibration_path",
     "Choice",
     "Engine",
     "Executor",
+    "CheapFitness",
+    "Fitness",
     "Genome",
     "GroupChoice",
     "Objectives",
+    "QuietProgress",
+    "RichProgress",
     "OptunaEngine",
     "PymooEngine",
     "Real",
@@ -19,8 +29,13 @@ __all__ = [
     "Search",
     "SearchResult",
     "SearchSpace",
+    "SearchSplitFitness",
+    "best_record",
     "import_objective",
+    "latest",
+    "load_calibration",
     "load_space",
     "make_engine",
+    "make_fitness",
     "parse_space",
 ]

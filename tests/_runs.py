@@ -1,0 +1,22 @@
+"""Helpers for tests that run the CLI in a subprocess and compare runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+ENV = {**os.environ, "MERGE3_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+
+
+def cli(*args, wait=True):
+    """``python -m merge3 ARGS`` (finished, with captured output; or a running Popen when not ``wait``)."""
+    cmd = [sys.executable, "-m", "merge3", *map(str, args)]
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+
+
+def strip(records):
+    """What must agree between two runs of the same search: who was evaluated, with which genome and result."""
+    return sorted((r["generation"], r["index"], r.get("rung", 0), json.dumps(r["genome"], sort_keys=True),
+                   tuple(r["objectives"])) for r in records)
