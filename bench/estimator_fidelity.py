@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import replace
+
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=15, help="fresh items per task (15 × 5 tasks = 2.5 %% of 2,995)")
     parser.add_argument("--quick", action="store_true", help="fewer merges and a smaller visiting search")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="reuse the answers cached by an earlier run of the same merges")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(RESULTS.read_text()), RESULTS.with_suffix(".png"))
@@ -236,13 +237,20 @@ def main() -> None:
     from merge3.methods import layer_groups
     from merge3.models import open_lazy
 
-    groups = list(layer_groups([k for k in open_lazy(work["base"])], "layer"))
-    plans = unseen_plans(groups, len(names), args.seed, sizes)
-    budget = (8, 4) if args.quick else (20, 8)
-    plans += visited_plans(work, "rows", budget, args.seed, 20 if args.quick else 60)
-    plans += visited_plans(work, "layer", budget, args.seed, 20 if args.quick else 60)
     t0 = time.perf_counter()
-    answers = answer_all(work, plans)
+    cache = WORK / f"answers-{args.seed}-{'quick' if args.quick else 'full'}.npz"
+    if args.reuse and cache.exists():  # the merges and answers of an earlier run (answers are deterministic)
+        stored = np.load(cache)
+        plans, answers = [tuple(p) for p in json.loads(str(stored["plans"]))], stored["answers"]
+    else:
+        groups = list(layer_groups([k for k in open_lazy(work["base"])], "layer"))
+        plans = unseen_plans(groups, len(names), args.seed, sizes)
+        budget = (8, 4) if args.quick else (20, 8)
+        plans += visited_plans(work, "rows", budget, args.seed, 20 if args.quick else 60)
+        plans += visited_plans(work, "layer", budget, args.seed, 20 if args.quick else 60)
+        answers = answer_all(work, plans)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(cache, answers=answers, plans=np.array(json.dumps(plans)))
     answer_s = time.perf_counter() - t0
     search, test = bank.search_indices, bank.test_indices
     y_search = answers[:, search]
@@ -254,7 +262,8 @@ def main() -> None:
     cat = {"start": 4, "batch": 3, "n_max": args.n, "target_se": 0.02}
     strategies = Strategies(estimator, tasks, args.seed, args.n, cat)
     names_ = ["fixed:gp-irt/anchor-irt/20", "fixed:naive/random/20", f"fresh:naive/{args.n}", f"fresh:p-irt/{args.n}",
-              f"fresh:gp-irt/{args.n}", "adaptive:p-irt", f"fresh:gp-irt/{3 * args.n}"]
+              f"fresh:gp-irt/{args.n}", f"fresh:cv-irt/{args.n}", "adaptive:p-irt", f"fresh:gp-irt/{3 * args.n}",
+              f"fresh:cv-irt/{3 * args.n}"]
     estimates = {n: np.zeros(len(plans)) for n in names_}
     items = {n: np.zeros(len(plans)) for n in names_}
     for k in range(len(plans)):
@@ -263,7 +272,7 @@ def main() -> None:
     # online recalibration, 2-fold: refit on one half's sparse answers, estimate the other half
     half = np.random.default_rng(args.seed).permutation(len(plans)) % 2
     refit_s = []
-    recal = [f"fresh:p-irt/{args.n}", f"fresh:gp-irt/{args.n}", "adaptive:p-irt"]
+    recal = [f"fresh:p-irt/{args.n}", f"fresh:gp-irt/{args.n}", f"fresh:cv-irt/{args.n}", "adaptive:p-irt"]
     for n in recal:
         estimates[f"{n} +recal"], items[f"{n} +recal"] = np.zeros(len(plans)), np.zeros(len(plans))
     for fold in (0, 1):

@@ -33,7 +33,7 @@ TASKS = ["upright", "rot90", "inverted", "flipud", "permuted"]
 def demo_space(zoo: Path, bank: Path, estimator: str) -> dict:
     import yaml
 
-    space = yaml.safe_load((Path(__file__).parent.parent / "search_spaces" / "demo.yaml").read_text())
+    space = yaml.safe_load((Path(__file__).parent.parent / "search_spaces" / "digits_layers.yaml").read_text())
     space["models"] = {"base": str(zoo / "base"), "endpoints": [str(zoo / f"ft-{t}") for t in TASKS], "names": TASKS}
     space["bank"].update(path=str(bank), estimator=estimator)
     return space

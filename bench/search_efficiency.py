@@ -47,6 +47,7 @@ RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / ".cache" / "search_efficiency"
 ESTIMATORS = ["naive", "p-irt", "gp-irt", "mp-irt", "gmp-irt"]
 PROMOTE = {"top_k": 3, "factor": 3, "rungs": 2}
+PROMOTE2 = {"top_k": 2, "factor": 3, "rungs": 2}
 # name → (estimator, items per task, subset, bank.fitness)
 STRATEGIES = {
     "full": ("full", None, "random", {}),
@@ -61,9 +62,31 @@ STRATEGIES = {
                                                          "recalibrate": {"every": 3}}),
     "adaptive-p-promo": ("p-irt", 10, "random", {"items": "adaptive", "promotion": PROMOTE,
                                                   "adaptive": {"start": 4, "batch": 3, "n_max": 10, "target_se": 0.03}}),
+    "fresh-cv": ("cv-irt", 20, "random", {"items": "fresh"}),
+    "fresh-cv10-promo": ("cv-irt", 10, "random", {"items": "fresh", "promotion": PROMOTE2}),
+    "fresh-cv10-promo-recal": ("cv-irt", 10, "random", {"items": "fresh", "promotion": PROMOTE2,
+                                                         "recalibrate": {"every": 3}}),
+    "fresh-cv15-promo": ("cv-irt", 15, "random", {"items": "fresh", "promotion": PROMOTE2}),
+    "grow-cv10x4-promo-first": ("cv-irt", 10, "random", {"items": "fresh", "grow": 4, "promotion": {
+        "top_k": 2, "factor": 3, "rungs": 1, "engine_sees": "first"}}),
+    "grow-naive10x4-promo-first": ("naive", 10, "random", {"items": "fresh", "grow": 4, "promotion": {
+        "top_k": 2, "factor": 3, "rungs": 1, "engine_sees": "first"}}),
+    "grow-cv8x4": ("cv-irt", 8, "random", {"items": "fresh", "grow": 4}),
+    "weighted-cv": ("cv-irt", 20, "random", {"items": "fresh", "sampling": "uncertainty"}),
+    "weighted-cv10-promo-first": ("cv-irt", 10, "random", {"items": "fresh", "sampling": "uncertainty",
+                                                            "promotion": {**PROMOTE2, "engine_sees": "first"}}),
+    "weighted-cv-promo-first": ("cv-irt", 20, "random", {"items": "fresh", "sampling": "uncertainty",
+                                                          "promotion": {"top_k": 2, "factor": 3, "rungs": 1,
+                                                                        "engine_sees": "first"}}),
+    "fresh-cv10-promo-first": ("cv-irt", 10, "random", {"items": "fresh",
+                                                         "promotion": {**PROMOTE2, "engine_sees": "first"}}),
+    "fresh-naive10-promo-first": ("naive", 10, "random", {"items": "fresh",
+                                                           "promotion": {**PROMOTE2, "engine_sees": "first"}}),
+    "fresh-cv-promo-first": ("cv-irt", 20, "random", {"items": "fresh", "promotion": {"top_k": 2, "factor": 3,
+                                                                                       "rungs": 1, "engine_sees": "first"}}),
 }
-DEFAULT_STRATEGIES = ["full", "fixed-naive", "fixed-gp", "fresh-gp", "fresh-naive10-promo", "fresh-gp10-promo",
-                      "fresh-gp10-promo-recal", "adaptive-p-promo"]
+DEFAULT_STRATEGIES = ["full", "fixed-naive", "fixed-gp", "fresh-naive", "fresh-cv", "fresh-naive10-promo",
+                      "fresh-cv10-promo", "fresh-cv10-promo-recal", "adaptive-p-promo"]
 
 
 def digits_workload(args) -> dict:
@@ -118,6 +141,7 @@ def run_search(work: dict, strategy: str, seed: int, runs_dir: Path) -> dict:
     from merge3._api import verify
 
     started = time.perf_counter()
+    shutil.rmtree(runs_dir / f"{strategy}-s{seed}", ignore_errors=True)  # bench scratch from an earlier run
     outcome = merge3.search(space(work, strategy, seed), runs_dir=runs_dir, name=f"{strategy}-s{seed}", progress=False)
     search_s = time.perf_counter() - started
     verified = verify(outcome.run.path, top=3, log=lambda *a: None)
@@ -193,8 +217,9 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=None,
                         help="override the workload's generations (results get a _g<N> suffix)")
     parser.add_argument("--quick", action="store_true", help="a smaller budget, for a smoke run")
-    parser.add_argument("--extend", action="store_true", help="add these seeds to the stored results instead of "
-                                                                "replacing them (same workload and budget)")
+    parser.add_argument("--extend", action="store_true", help="add these seeds and strategies to the stored results "
+                        "instead of replacing them (same workload and budget; a stored strategy and seed is not rerun: "
+                        "runs are deterministic)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -213,14 +238,20 @@ def main() -> None:
     runs_dir = WORK / work["name"]
     if not args.extend:
         shutil.rmtree(runs_dir, ignore_errors=True)  # bench scratch, not user runs
+    else:
+        runs_dir.mkdir(parents=True, exist_ok=True)
     suffix = ("" if work["name"] == "digits" else f"_{work['name']}") + ("_quick" if args.quick else "")
     path = RESULTS / f"search_efficiency{suffix}.json"
     rows = []
-    if args.extend and path.exists():  # keep the stored seeds' runs (same workload and budget), add these seeds
+    done = set()
+    if args.extend and path.exists():  # keep the stored runs (same workload and budget), add what is missing
         stored = json.loads(path.read_text())
-        rows = [r for r in stored["runs"] if r["seed"] not in args.seeds]
+        rows = [r for r in stored["runs"] if r["estimator"] in STRATEGIES]
+        done = {(r["estimator"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for strategy in dict.fromkeys(["full", *args.strategies]):
+            if (strategy, seed) in done:
+                continue
             row = run_search(work, strategy, seed, runs_dir)
             print(f"{row['estimator']:22s} seed {seed}: top-1 test {row['top1']:.4f} (search {row['top1_search']:.4f}, "
                   f"estimated {row['estimated']:.4f}), top-3 verified test {row['top3_verified']:.4f}, "
@@ -229,6 +260,9 @@ def main() -> None:
     recipes = baselines(space(work, "full", 0), log=print)
     best = [{"name": b.name, "method": b.method, "mean": b.test_mean, "search_mean": b.mean, "scores": b.test_scores}
             for b in best_per_method(recipes)]
+    wanted = set(dict.fromkeys(["full", *args.strategies])) | ({r["estimator"] for r in rows} if args.extend else set())
+    rows = sorted((r for r in rows if r["estimator"] in wanted),
+                  key=lambda r: (list(STRATEGIES).index(r["estimator"]), r["seed"]))
     summary = summarise(rows)
     seeds = sorted({r["seed"] for r in rows})
     budget = max(r["candidates"] for r in rows)  # population × generations, less for CMA-ES's small first generation

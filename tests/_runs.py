@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 ENV = {**os.environ, "MERGE3_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
 
@@ -20,3 +22,12 @@ def strip(records):
     """What must agree between two runs of the same search: who was evaluated, with which genome and result."""
     return sorted((r["generation"], r["index"], r.get("rung", 0), json.dumps(r["genome"], sort_keys=True),
                    tuple(r["objectives"])) for r in records)
+
+
+def wait_for_lines(file: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until a running search has written ``n`` lines to ``file`` (it must still be running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not file.exists() or file.read_text().count("\n") < n):
+        assert proc.poll() is None, "the search ended before it was interrupted"
+        time.sleep(0.02)
+    assert file.read_text().count("\n") >= n

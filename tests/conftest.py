@@ -34,3 +34,11 @@ def calibrated_zoo(digits_zoo):
     calibrate_bank(digits_zoo.bank, str(digits_zoo.base), [str(p) for p in digits_zoo.finetuned.values()], settings,
                    names=list(digits_zoo.finetuned), log=lambda *a: None)
     return digits_zoo
+
+
+@pytest.fixture
+def objective_module(tmp_path, monkeypatch):
+    """A user's objective module, importable as ``my_objectives`` (its folder on sys.path, as PYTHONPATH would)."""
+    (tmp_path / "my_objectives.py").write_text("def best_task(result):\n    return max(result.scores.values())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_objectives"

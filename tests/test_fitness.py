@@ -2,7 +2,6 @@
 
 import json
 import signal
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +15,7 @@ from merge3.itembank._synthetic_irt import simulate_bank
 from merge3.runs import Run
 
 from _runs import cli as _cli
-from _runs import strip
+from _runs import strip, wait_for_lines
 
 
 # ---- estimators on any answered set -------------------------------------------------------------------------------
@@ -214,9 +213,7 @@ def test_sigkill_then_resume_replays_fresh_promoted_and_recalibrated_items_exact
     assert whole.returncode == 0, whole.stderr
     proc = _cli("search", path, "--runs-dir", tmp_path, "--name", "killed", "--quiet", wait=False)
     log = tmp_path / "killed" / "evaluations.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 12):
-        time.sleep(0.05)
+    wait_for_lines(log, 12, proc, timeout=180)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 12 <= log.read_text().count("\n") < 32, "the kill should land mid-run"

@@ -96,7 +96,7 @@ def test_item_budget_stops_the_search():
     assert 30 <= len(result.records) < 30 + 12
 
 
-def test_custom_objective_as_callable_and_import_path():
+def test_custom_objective_as_callable_and_import_path(objective_module):
     def worst_task(r):
         return min(r.scores.values())
 
@@ -104,11 +104,14 @@ def test_custom_objective_as_callable_and_import_path():
     assert by_fn.objective_names == ["worst_task"]
     rec = by_fn.records[0]
     assert rec["objectives"][0] == pytest.approx(min(rec["scores"].values()))
-    by_path = make_search(objectives=("statistics:fmean",), generations=1)
-    with pytest.raises(TypeError):  # fmean gets a CandidateResult: the callable really is called
-        by_path.run()
+    by_path = make_search(objectives=("my_objectives:best_task",), generations=1).run()
+    rec = by_path.records[0]
+    assert by_path.objective_names == ["my_objectives:best_task"]
+    assert rec["objectives"][0] == pytest.approx(max(rec["scores"].values())), "the named function really is called"
     with pytest.raises(Merge3Error, match="cannot import 'no_such_module:f'"):
         Objectives(["no_such_module:f"], TASKS)
+    with pytest.raises(Merge3Error, match="the standard library"):
+        Objectives(["statistics:fmean"], TASKS)
 
 
 def test_resume_by_replay_matches_an_uninterrupted_run(tmp_path):

@@ -26,6 +26,7 @@ from merge3.itembank._evaluators import (
     GenerationEvaluator,
     MultipleChoiceEvaluator,
     TextClassifierEvaluator,
+    cut_at_stop,
     load_model_for,
     load_tokenizer,
     make_evaluator,
@@ -37,13 +38,30 @@ from merge3.itembank._from_file import FileTask, bank_from_file
 
 from merge3.itembank._estimators import ESTIMATORS, Estimate, Estimator
 from merge3.itembank._fidelity import FIDELITY_NS, fidelity_benchmark, format_fidelity_table
-from merge3.itembank._irt import DIMS_GRID, ConstantItemWarning, IRTConvergenceWarning, IRTModel, fit_irt, refit_irt
+from merge3.itembank._irt import (
+    DIMS_GRID,
+    ConstantItemWarning,
+    IRTConvergenceWarning,
+    IRTModel,
+    fit_irt,
+    refit_irt,
+    sigmoid,
+)
 from merge3.itembank._adaptive import AdaptiveTest
 from merge3.itembank._online import ONLINE_ESTIMATORS, AnsweredEstimate, estimate_answered, naive_estimate, scaled_weight
 from merge3.itembank._subsets import SUBSET_METHODS, Subset, select_subset
 
 __all__ = [
+    "ONLINE_ESTIMATORS",
+    "AdaptiveTest",
+    "AnsweredEstimate",
+    "estimate_answered",
+    "naive_estimate",
+    "refit_irt",
+    "scaled_weight",
+    "sigmoid",
     "CausalLMEvaluator",
+    "cut_at_stop",
     "CausalLMSpec",
     "FileTask",
     "GenerationSettings",

@@ -14,6 +14,14 @@ all answers under the calibration population prior, P_j = P(item j right | θ̂)
   sample (they sit near 50 % difficulty), so the naive mean is biased on them: gp-irt is p-irt there.
 - ``mp-irt``/``gmp-irt``: θ = Σ_k w_k θ_k over the endpoints' abilities, w fitted on the answers (as MERGE³), then as
   p-irt/gp-irt (δ scaled with n like λ).
+- ``cv-irt``: the IRT prediction as a control variate, cross-fitted. The answered items are dealt into K = 5 folds;
+  θ̂ fitted without fold k predicts fold k's items, and the task's accuracy is (Σ_{A_t} y + Σ_{unanswered} P̄_j +
+  (N_t − n_t)·mean_{A_t}(y − P_{−k(j)})) / N_t, P̄ the fold-average prediction. The model predicts what it can (item
+  difficulty, the candidate's ability) and answers it was not fitted on correct its error: on uniformly drawn items
+  this is unbiased whatever the item model's errors. (p-irt and gp-irt trust the model on the
+  N − n unanswered items, and a merge unlike the calibration subjects — a search's best — is where it errs; fitting
+  θ̂ on the same answers the residuals come from would shrink the correction toward the model.) Its variance is that
+  of the residuals y − P, below the naive mean's wherever the model knows the items.
 
 >>> import numpy as np
 >>> from merge3.itembank._synthetic_irt import simulate_bank
@@ -36,7 +44,8 @@ from merge3._errors import Merge3Error
 from merge3.itembank._estimators import ESTIMATORS, Estimator
 from merge3.itembank._irt import map_logistic, sigmoid
 
-ONLINE_ESTIMATORS = ESTIMATORS
+ONLINE_ESTIMATORS = (*ESTIMATORS, "cv-irt")
+CV_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -87,9 +96,10 @@ def _calibrated_constants(estimator: Estimator) -> tuple[dict, int]:
 
 
 def estimate_answered(estimator: Estimator, items: np.ndarray, correct: np.ndarray, method: str, *,
-                      adaptive: bool = False) -> AnsweredEstimate:
+                      adaptive: bool = False, inclusion: np.ndarray | None = None) -> AnsweredEstimate:
     """Estimate a candidate's accuracy on every search item from its answers on ``items`` (indices into the
-    estimator's items) — any set, of any size per task. ``adaptive``: the items were chosen by an adaptive test."""
+    estimator's items) — any set, of any size per task. ``adaptive``: the items were chosen by an adaptive test.
+    ``inclusion`` (cv-irt): each item's probability of having been drawn, for items drawn by a weighted design."""
     if method not in ONLINE_ESTIMATORS:
         raise Merge3Error(f"unknown estimator {method!r}; use one of {ONLINE_ESTIMATORS}")
     model, names = estimator.model, estimator.task_names
@@ -100,6 +110,10 @@ def estimate_answered(estimator: Estimator, items: np.ndarray, correct: np.ndarr
     naive = naive_estimate(model.tasks[items], y, sizes)
     if method == "naive":
         return naive
+    if method == "cv-irt":
+        return _cross_fitted(estimator, items, y, naive, inclusion=inclusion)
+    if inclusion is not None:
+        raise Merge3Error(f"estimator {method!r} assumes uniformly drawn items: use cv-irt with a weighted design")
     a, b = model.a[items], model.b[items]
     ones = np.ones((1, items.size))
     constants, n_cal = _calibrated_constants(estimator)
@@ -147,6 +161,55 @@ def estimate_answered(estimator: Estimator, items: np.ndarray, correct: np.ndarr
     se_mean = float(np.sqrt(grad_mean @ cov @ grad_mean + bern_mean))
     return AnsweredEstimate(per_task, {t: float(np.sqrt(v)) for t, v in var.items()},
                             float(np.mean(list(per_task.values()))), se_mean, theta)
+
+
+def _cross_fitted(estimator: Estimator, items: np.ndarray, y: np.ndarray, naive: AnsweredEstimate,
+                  folds: int = CV_FOLDS, inclusion: np.ndarray | None = None) -> AnsweredEstimate:
+    """cv-irt (see the module docstring): K folds of the answered items; θ̂ without each fold predicts that fold's
+    items (the residuals) and, averaged over folds, the unanswered items. With ``inclusion`` (each answered item's
+    probability of having been drawn), the residuals are weighted by its inverse (Horvitz–Thompson), so items drawn
+    by a non-uniform design still give an unbiased estimate."""
+    model, names = estimator.model, estimator.task_names
+    task_of = model.tasks[items]
+    if min(int((task_of == t).sum()) for t in names) < 2:
+        return naive  # one answer per task cannot be split: nothing to correct with
+    fold = np.zeros(items.size, dtype=np.int64)
+    for t in names:  # each task's answers dealt round-robin, so every fold holds some of every task
+        where = np.flatnonzero(task_of == t)
+        fold[where[np.argsort(items[where], kind="stable")]] = np.arange(where.size) % folds
+    precision = np.linalg.inv(model.theta_cov)
+    residual, own = np.zeros(items.size), np.zeros(items.size)
+    predicted, thetas = np.zeros(model.n_items), []
+    used = [k for k in range(folds) if (fold == k).any()]
+    for k in used:
+        fit = fold != k
+        theta = map_logistic(model.a[items[fit]], model.b[items[fit]], y[fit][None], np.ones((1, int(fit.sum()))),
+                             model.theta_mean, precision)[0]
+        P = sigmoid(model.a @ theta - model.b)
+        own[~fit] = P[items[~fit]]
+        residual[~fit] = y[~fit] - own[~fit]
+        predicted += P / len(used)
+        thetas.append(theta)
+    answered = np.zeros(model.n_items, dtype=bool)
+    answered[items] = True
+    per_task, var = {}, {}
+    for t in names:
+        in_t, mine = model.tasks == t, task_of == t
+        N_t, n_t = int(in_t.sum()), int(mine.sum())
+        rest = in_t & ~answered
+        r = residual[mine]
+        if inclusion is None:  # a uniform draw: the answered items' mean residual stands for the unanswered ones
+            per_task[t] = float((y[mine].sum() + predicted[rest].sum() + rest.sum() * r.mean()) / N_t)
+            spread = max(float(r.var(ddof=1)), 1e-4)
+            var[t] = (rest.sum() / N_t) ** 2 * spread / n_t * max(N_t - n_t, 0) / max(N_t - 1, 1)
+        else:  # Horvitz–Thompson total of the residuals, Hansen–Hurwitz variance
+            weighted = r / np.asarray(inclusion, dtype=float)[mine]
+            total = float(predicted[rest].sum() + own[mine].sum() + weighted.sum())
+            per_task[t] = total / N_t
+            var[t] = max(float(((n_t * weighted - weighted.sum()) ** 2).sum()) / (n_t * (n_t - 1)), 1e-4) / N_t**2
+    return AnsweredEstimate(per_task, {t: float(np.sqrt(v)) for t, v in var.items()},
+                            float(np.mean(list(per_task.values()))), float(np.sqrt(sum(var.values())) / len(names)),
+                            np.mean(thetas, axis=0))
 
 
 def _posterior_cov(X: np.ndarray, c: np.ndarray, x: np.ndarray, precision: np.ndarray) -> np.ndarray:

@@ -39,7 +39,17 @@ from typing import Protocol
 import numpy as np
 
 from merge3._errors import Merge3Error
-from merge3.itembank import AdaptiveTest, Estimator, IRTModel, ItemBank, estimate_answered, naive_estimate, refit_irt
+from merge3.itembank import (
+    ESTIMATORS,
+    AdaptiveTest,
+    Estimator,
+    IRTModel,
+    ItemBank,
+    estimate_answered,
+    naive_estimate,
+    refit_irt,
+    sigmoid,
+)
 from merge3.itembank import select_subset
 from merge3.models import atomic_dir
 from merge3.runtime import CandidateResult, EvalRequest
@@ -80,11 +90,11 @@ class CheapFitness:
     ``bank.fitness`` (fixed / fresh / adaptive items, promotion, recalibration)."""
 
     def __init__(self, bank: ItemBank, config, seed: int, estimator: Estimator | None, state_dir: Path | None = None,
-                 log=lambda message: None):
+                 log=lambda message: None, generations: int = 1):
         fitness = config.fitness
         self.bank, self.config, self.fitness, self.seed, self.estimator = bank, config, fitness, seed, estimator
         self.n, self.method, self.items_mode = config.items_per_task, config.estimator, fitness.items
-        self.state_dir, self.log = state_dir, log
+        self.state_dir, self.log, self.generations = state_dir, log, max(1, generations)
         self.search = bank.search_indices  # local index k ↔ bank row search[k]
         self.local_of = {int(row): k for k, row in enumerate(self.search)}
         self.tasks = bank.task_of[self.search]
@@ -92,13 +102,19 @@ class CheapFitness:
         self.promotion = fitness.promotion
         self.final_rung = 0 if self.promotion is None else self.promotion.rungs
         self.rank_z = fitness.z if fitness.select_by == "lower_bound" else 0.0  # engines rank estimate − z·SE
+        self.engine_sees_first = self.promotion is not None and self.promotion.engine_sees == "first"
         self.answers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.incumbent = -math.inf
         self.refits: list[dict] = []
         self._fixed_local = self._fixed_subset() if self.items_mode == "fixed" else None
-        extras = [f"{self.items_mode} items"]
+        self.weighted = fitness.sampling == "uncertainty"
+        self._designs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._thetas: dict[int, list[np.ndarray]] = {}
+        extras = [f"{self.items_mode} items" + (" (uncertainty-weighted)" if fitness.sampling == "uncertainty" else "")]
         if self.promotion is not None:
             extras.append(f"promotion top {self.promotion.top_k} ×{self.promotion.factor:g}, {self.final_rung} rung(s)")
+        if fitness.grow > 1:
+            extras.append(f"growing to {fitness.grow:g}× items by the last generation")
         if fitness.recalibrate is not None:
             extras.append(f"recalibrated every {fitness.recalibrate.every} generation(s)")
         self.name = f"{self.method}, {self.n} items per task, " + ", ".join(extras)
@@ -123,13 +139,48 @@ class CheapFitness:
     def requests(self, generation: int, plans: Sequence[list[dict]]) -> list[EvalRequest]:
         if self.items_mode == "adaptive":
             return [EvalRequest(plan, adaptive=self._adaptive_test(generation, i)) for i, plan in enumerate(plans)]
-        if self.items_mode == "fresh":  # one fresh subset per generation, shared by its candidates
-            local = self._random_unanswered((generation, 0x5EED), dict.fromkeys(self.bank.tasks, self.n),
+        if self.items_mode == "fresh" and self.weighted:
+            local = self._design(generation)[0]
+        elif self.items_mode == "fresh":  # one fresh subset per generation, shared by its candidates
+            local = self._random_unanswered((generation, 0x5EED), dict.fromkeys(self.bank.tasks, self.items_at(generation)),
                                             np.array([], dtype=np.int64))
         else:
             local = self._fixed_local
         items = tuple(int(r) for r in self.search[local])
         return [EvalRequest(plan, items=items) for plan in plans]
+
+    def items_at(self, generation: int) -> int:
+        """Fresh items per task in ``generation``: items_per_task, grown geometrically to grow× by the last one."""
+        if self.fitness.grow == 1:
+            return self.n
+        x = min(generation, self.generations - 1) / max(self.generations - 1, 1)
+        return int(round(self.n * self.fitness.grow**x))
+
+    def _design(self, generation: int) -> tuple[np.ndarray, np.ndarray]:
+        """``sampling: uncertainty``: this generation's items (local indices) and every search item's probability of
+        being drawn. Items are drawn per task with probability ∝ √(P̄(1 − P̄)) (+10 % of the mean, so no item is
+        out of reach), P̄ the current item model's mean prediction over the previous generation's candidates: items
+        every candidate answers alike tell nothing about which is better and are drawn rarely; items the
+        population splits on are drawn often (Neyman allocation). cv-irt weighs each answer by 1/probability, so the
+        estimate stays unbiased."""
+        if generation in self._designs:
+            return self._designs[generation]
+        model = self.estimator.model
+        thetas = self._thetas.get(generation - 1)
+        theta = np.stack(thetas) if thetas else model.theta_mean[None, :]
+        P = sigmoid(theta @ model.a.T - model.b).mean(0)
+        spread = np.sqrt(P * (1 - P))
+        rng = np.random.default_rng([int(self.seed), generation, 0x5EED, 1])
+        chosen, inclusion = [], np.zeros(len(self.search))
+        for t in self.bank.tasks:
+            pool = np.flatnonzero(self.tasks == t)
+            q = spread[pool] + 0.1 * spread[pool].mean() + 1e-9
+            q /= q.sum()
+            n = min(self.items_at(generation), pool.size)
+            chosen.append(np.sort(rng.choice(pool, size=n, replace=False, p=q)))
+            inclusion[pool] = 1.0 - (1.0 - q) ** n  # probability of being among n draws (without replacement, approx.)
+        self._designs[generation] = (np.concatenate(chosen).astype(np.int64), inclusion)
+        return self._designs[generation]
 
     def _adaptive_test(self, generation: int, index: int) -> AdaptiveTest:
         model, cfg = self.estimator.model, self.fitness.adaptive
@@ -157,15 +208,32 @@ class CheapFitness:
             result.build_seconds += previous.get("build_seconds", 0.0)
             result.eval_seconds += previous.get("eval_seconds", 0.0)
         local = self._local(rows)
-        estimate = self._estimate(local, correct)
+        inclusion = None
+        if self.weighted:  # every item answered: its probability of being drawn in any phase of this candidate
+            first = self._design(generation)[1]
+            inclusion = first.copy()
+            if previous is not None:
+                for t in self.bank.tasks:  # later phases draw uniformly from the task's unanswered items
+                    in_t = self.tasks[local] == t
+                    n0 = int(np.isin(local[in_t], self._design(generation)[0]).sum())
+                    extra = int(in_t.sum()) - n0
+                    pool = self.tasks == t
+                    uniform = extra / max(int(pool.sum()) - n0, 1)
+                    inclusion[pool] = first[pool] + (1 - first[pool]) * uniform
+            inclusion = inclusion[local]
+        estimate = self._estimate(local, correct, inclusion)
         result.scores = estimate.per_task
         result.se = {**estimate.se, "mean": estimate.se_mean}
+        if estimate.theta is not None:
+            result.details["theta"] = [float(v) for v in estimate.theta]
         return result
 
-    def _estimate(self, local: np.ndarray, correct: np.ndarray):
+    def _estimate(self, local: np.ndarray, correct: np.ndarray, inclusion: np.ndarray | None = None):
         if self.estimator is None:  # an uncalibrated bank: the plain mean
             return naive_estimate(self.tasks[local], correct, self.task_sizes)
-        if self.items_mode == "fixed" and np.array_equal(local, self._fixed_local):
+        if inclusion is not None:
+            return estimate_answered(self.estimator, local, correct, self.method, inclusion=inclusion)
+        if self.items_mode == "fixed" and self.method in ESTIMATORS and np.array_equal(local, self._fixed_local):
             # the calibrated subset itself: its own weights (anchors) and λ*/δ
             per_task = self.estimator.estimate_matrix(correct[None, :].astype(float), self.method, n=self.n,
                                                       subset=SUBSET_NAMES[self.config.subset], subset_only=True)[0]
@@ -190,7 +258,7 @@ class CheapFitness:
         else:
             chosen = sorted(ok, key=lambda r: (-value(r), r["index"]))[:keep]
         out = []
-        target = int(round(self.n * self.promotion.factor**rung))
+        target = int(round(self.items_at(generation) * self.promotion.factor**rung))
         for record in chosen:
             local = self._local(np.asarray(record["answers"]["items"], dtype=np.int64))
             have = {t: int((self.tasks[local] == t).sum()) for t in self.bank.tasks}
@@ -209,6 +277,9 @@ class CheapFitness:
                                                                   np.asarray(record["answers"]["correct"], np.int8))
         if record.get("eligible", True) and record["objectives"] and math.isfinite(record["objectives"][0]):
             self.incumbent = max(self.incumbent, record["objectives"][0])
+        theta = (record.get("details") or {}).get("theta")
+        if theta is not None and record.get("rung", 0) == 0:  # the population the next weighted design aims at
+            self._thetas.setdefault(record["generation"], []).append(np.asarray(theta, dtype=float))
 
     def end_generation(self, generation: int) -> dict | None:
         """Refit the item model every ``recalibrate.every`` generations (loaded from the run when resuming)."""
@@ -268,7 +339,8 @@ def load_calibration(bank: ItemBank) -> Estimator | None:
     return estimator
 
 
-def make_fitness(bank_config, bank: ItemBank, seed: int, state_dir: Path | None = None, log=lambda m: None) -> Fitness:
+def make_fitness(bank_config, bank: ItemBank, seed: int, state_dir: Path | None = None, log=lambda m: None,
+                 generations: int = 1) -> Fitness:
     """The fitness a search space's ``bank`` section asks for; an error now (before any run exists) if the bank
     cannot give it."""
     if bank_config.estimator == "full" or bank_config.items_per_task is None:
@@ -284,7 +356,7 @@ def make_fitness(bank_config, bank: ItemBank, seed: int, state_dir: Path | None 
                 "bank.fitness.recalibrate" if fitness.recalibrate is not None else f"bank.subset '{subset}'")
             raise Merge3Error(f"{what} needs a calibrated bank, and '{bank.path}' is not calibrated: "
                               f"run `merge3 calibrate {bank.path} --base … --models …`")
-        return CheapFitness(bank, bank_config, seed, None, state_dir, log)
+        return CheapFitness(bank, bank_config, seed, None, state_dir, log, generations)
     if fitness.items == "fixed" and (SUBSET_NAMES[subset], n) not in estimator.subsets:
         have = ", ".join(f"{m}/{k}" for m, k in sorted(estimator.subsets))
         raise Merge3Error(f"bank.items_per_task: the calibration of '{bank.path}' has no {SUBSET_NAMES[subset]} "
@@ -294,7 +366,7 @@ def make_fitness(bank_config, bank: ItemBank, seed: int, state_dir: Path | None 
     if fitness.items == "adaptive" and fitness.adaptive.n_max > smallest:
         raise Merge3Error(f"bank.fitness.adaptive.n_max ({fitness.adaptive.n_max}) exceeds the items of the "
                           f"smallest task ({smallest})")
-    return CheapFitness(bank, bank_config, seed, estimator, state_dir, log)
+    return CheapFitness(bank, bank_config, seed, estimator, state_dir, log, generations)
 
 
 __all__ = ["CheapFitness", "Fitness", "SearchSplitFitness", "load_calibration", "make_fitness"]

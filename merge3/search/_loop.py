@@ -12,6 +12,9 @@ Each evaluation is one record; a promoted candidate gets one more record per run
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,14 +51,35 @@ ObjectiveFn = Callable[[CandidateResult], float]
 
 
 def import_objective(path: str) -> ObjectiveFn:
-    """``"package.module:function"`` → the function (only ever what the user named in their config)."""
+    """``"package.module:function"`` → the function: only ever what the user named in their config, and only from
+    the user's own modules — never the standard library (``os:system``, ``subprocess:run``, …) or merge3 itself.
+    Importing runs the module's top-level code, so the current folder is not searched implicitly (``python -m
+    merge3`` drops it from ``sys.path``): install your module, or put its folder on ``PYTHONPATH``."""
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr or not all(p.isidentifier() for p in [*module_name.split("."), attr]):
+        raise Merge3Error(f"objectives: '{path}' is not an import path 'package.module:function'")
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names or top in ("merge3", "__main__"):
+        raise Merge3Error(f"objectives: '{path}' names the module '{top}' ({'merge3 itself' if top == 'merge3' else 'the standard library'}); "
+                          "an objective must come from your own module (installed, or on PYTHONPATH)")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise Merge3Error(f"objectives: cannot import '{path}': {e}") from None
+    except (Exception, SystemExit) as e:  # the module's own top-level code failed
+        raise Merge3Error(f"objectives: importing '{module_name}' failed: {type(e).__name__}: {e}") from None
+    return _checked_objective(path, fn)
+
+
+def _checked_objective(name: str, fn) -> ObjectiveFn:
     if not callable(fn):
-        raise Merge3Error(f"objectives: '{path}' is not callable")
+        raise Merge3Error(f"objectives: '{name}' is not callable")
+    try:
+        inspect.signature(fn).bind(None)
+    except TypeError:
+        raise Merge3Error(f"objectives: '{name}' must take one argument (the candidate's CandidateResult)") from None
+    except ValueError:  # builtins without a signature: checked when called
+        pass
     return fn
 
 
@@ -76,7 +100,8 @@ class Objectives:
             elif isinstance(spec, str):
                 self._add(spec, import_objective(spec))
             elif callable(spec):
-                self._add(getattr(spec, "__name__", "custom"), spec)
+                name = getattr(spec, "__name__", "custom")
+                self._add(name, _checked_objective(name, spec))
             else:
                 raise Merge3Error(f"objectives: {spec!r} is neither a name, an import path nor a callable")
 
@@ -91,7 +116,15 @@ class Objectives:
     def __call__(self, result: CandidateResult) -> list[float]:
         if not result.ok:
             return [float("nan")] * len(self)
-        return [float(fn(result)) for fn in self._fns]
+        values = []
+        for name, fn, se_key in zip(self.names, self._fns, self._se_keys):
+            try:
+                values.append(float(fn(result)))
+            except (Exception, SystemExit) as e:  # user code: one clear line, whatever it raised (even sys.exit)
+                raise Merge3Error(f"objective '{name}' failed: {type(e).__name__}: {e}") from None
+            if se_key is None and not math.isfinite(values[-1]):  # a custom objective's NaN would rank as garbage
+                raise Merge3Error(f"objective '{name}' returned {values[-1]}: an objective must be a finite number")
+        return values
 
     def standard_errors(self, result: CandidateResult) -> list[float]:
         """The estimate's standard error of each objective (NaN for custom objectives and exact scores)."""
@@ -186,10 +219,14 @@ class Search:
         return SearchResult(latest(lines), self.objectives.names, self.bank_items, stopped_by)
 
     def _told(self, record: dict) -> list[float]:
-        """What the engine minimises: −objective (or −(objective − z·SE) when ranking by a lower bound)."""
+        """What the engine minimises: −objective (or −(objective − z·SE) when ranking by a lower bound), at the
+        latest fidelity or, when the fitness says so, the first."""
         z = getattr(self.fitness, "rank_z", 0.0)
+        first = getattr(self.fitness, "engine_sees_first", False) and "first_objectives" in record
+        objectives = record["first_objectives"] if first else record["objectives"]
+        errors = record.get("first_objective_se" if first else "objective_se") or [float("nan")] * len(objectives)
         values = []
-        for v, se in zip(record["objectives"], record.get("objective_se") or [float("nan")] * len(record["objectives"])):
+        for v, se in zip(objectives, errors):
             penalty = z * se if z and se is not None and np.isfinite(se) else 0.0
             values.append(-(v - penalty) if np.isfinite(v) else WORST)
         return values
@@ -234,8 +271,10 @@ class Search:
                 index = todo[position][0]
                 previous = batch[index]
                 result = self.fitness.score(generation, index, result, previous=previous)
-                batch[index] = self._keep(self._record(generation, index, previous["genome"], previous["plan"],
-                                                       result, rung), lines)
+                record = self._record(generation, index, previous["genome"], previous["plan"], result, rung)
+                record["first_objectives"] = previous.get("first_objectives", previous["objectives"])
+                record["first_objective_se"] = previous.get("first_objective_se", previous.get("objective_se"))
+                batch[index] = self._keep(record, lines)
             if not asked:
                 break
         return batch

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from merge3._errors import Merge3Error, validation_message
 
-ESTIMATORS = ("full", "naive", "irt", "p-irt", "gp-irt", "mp-irt", "gmp-irt")
+ESTIMATORS = ("full", "naive", "irt", "p-irt", "gp-irt", "mp-irt", "gmp-irt", "cv-irt")
 GRANULARITIES = ("layer", "block", "attn_mlp", "model")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
 
 
 class ModelsConfig(_Strict):
@@ -63,6 +64,9 @@ class PromotionConfig(_Strict):
     factor: float = Field(3.0, gt=1)
     rungs: int = Field(1, ge=1, le=6)
     ucb: float | None = Field(None, gt=0)
+    engine_sees: Literal["latest", "first"] = Field(
+        "latest", description="what the engine ranks a promoted candidate by: its latest estimate, or (first) its "
+                              "first-fidelity one, so all of a generation compare at one fidelity")
 
 
 class RecalibrationConfig(_Strict):
@@ -78,6 +82,12 @@ class FitnessConfig(_Strict):
 
     items: Literal["fixed", "fresh", "adaptive"] = Field(
         "fixed", description="one fixed subset, a fresh stratified random subset per generation, or adaptive testing")
+    sampling: Literal["uniform", "uncertainty"] = Field(
+        "uniform", description="fresh items drawn uniformly, or where the population's answers are uncertain "
+                               "(weighted; needs cv-irt, which undoes the weights)")
+    grow: float = Field(1.0, ge=1, le=100, description=(
+        "fresh items per task grow geometrically from items_per_task to grow × items_per_task at the last "
+        "generation: late candidates are alike, and telling them apart takes more items"))
     adaptive: AdaptiveConfig = AdaptiveConfig()
     promotion: PromotionConfig | None = None
     recalibrate: RecalibrationConfig | None = None
@@ -97,6 +107,11 @@ class BankConfig(_Strict):
     def _consistent(self):
         if self.fitness.items == "fresh" and self.subset != "random":
             raise ValueError("fitness.items 'fresh' draws random items each generation: use subset: random")
+        if self.fitness.grow > 1 and self.fitness.items != "fresh":
+            raise ValueError("fitness.grow applies to fresh items (items: fresh)")
+        if self.fitness.sampling == "uncertainty" and (self.fitness.items != "fresh" or self.estimator != "cv-irt"):
+            raise ValueError("fitness.sampling 'uncertainty' draws fresh items by weight: it needs items: fresh and "
+                             "estimator: cv-irt (which weighs each answer by its chance of being drawn)")
         if self.fitness.items == "adaptive" and self.estimator in ("naive", "full"):
             raise ValueError(f"fitness.items 'adaptive' needs an IRT estimator, not '{self.estimator}' (the naive mean "
                              "of adaptively chosen items is biased)")
@@ -127,6 +142,33 @@ class GenomeConfig(_Strict):
     params: dict[str, Range] = Field(default_factory=dict, description="'method.param' → search range override")
     fixed: dict[str, Any] = Field(default_factory=dict, description="'method.param' → fixed value (e.g. dare.seed)")
 
+    @field_validator("fixed")
+    @classmethod
+    def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, v in value.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"'{key}' must be a finite number, got {v}")
+        return value
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed_fit_the_methods(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """A fixed value is one of a searched method's parameters, valid for it: a typo or an out-of-range value
+        must not quietly change (or not change) every candidate."""
+        from merge3.methods._registry import _check_value, get_method
+
+        methods = info.data.get("methods") or []
+        for key, v in value.items():
+            method, _, param = key.partition(".")
+            if method not in methods or not param:
+                raise ValueError(f"'{key}' is not 'method.parameter' of one of genome.methods ({', '.join(methods)})")
+            spec = get_method(method).params.get(param)
+            if spec is None:
+                raise ValueError(f"'{key}': {method} has no parameter '{param}' "
+                                 f"(accepted: {', '.join(get_method(method).params)})")
+            _check_value(method, spec, v, None)
+        return value
+
 
 class EngineConfig(_Strict):
     name: Literal["pymoo", "optuna", "cmaes"] = "pymoo"
@@ -155,7 +197,7 @@ class SearchSpace(_Strict):
     """
 
     name: str = "search"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "auto"
     models: ModelsConfig
     bank: BankConfig
@@ -186,8 +228,12 @@ def load_space(path: str | os.PathLike, overrides: dict | None = None) -> Search
     path = Path(path)
     if not path.exists():
         raise Merge3Error(f"search space '{path}' does not exist")
+    if path.is_dir():
+        raise Merge3Error(f"search space '{path}' is a folder: give the YAML file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise Merge3Error(f"{path}: not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as e:
         raise Merge3Error(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
