@@ -82,11 +82,15 @@ class _Plan:
 
 
 def validate(space: SearchSpace, objectives: Sequence[ObjectiveSpec], factory=None) -> _Plan:
-    """Build what the search needs from the space, failing on bad input before any run folder or worker exists."""
+    """Build what the search needs from the space, failing on bad input before any run folder or worker exists:
+    models (compatible, finite), bank (items, heads, tokenizer), device, fitness and objectives."""
+    custom = factory is not None
     factory = factory or MergeWorkloadFactory.from_space(space)
     fitness = None
-    if isinstance(factory, MergeWorkloadFactory):  # a custom factory answers plans its own way
-        fitness = make_fitness(space.bank, ItemBank.load(factory.bank), space.seed)
+    if not custom:  # a custom factory answers plans its own way
+        factory.check_inputs()
+        fitness = make_fitness(space.bank, ItemBank.load(factory.bank), space.seed,
+                               generations=space.engine.generations)
     obj = Objectives(objectives, factory.tasks)
     genome = Genome(
         factory.groups, space.genome.methods, factory.n_models,
@@ -121,13 +125,21 @@ def _progress(progress, space: SearchSpace):
     return progress
 
 
-def _drive(run: Run, space: SearchSpace, plan: _Plan, replay, executor, progress) -> SearchResult:
+def _drive(run: Run, space: SearchSpace, plan: _Plan, replay, executor, progress, created: bool) -> SearchResult:
+    """Run the search in its (locked) run folder. If it fails before recording any evaluation, a new run's folder is
+    removed (nothing is lost and a retry may take the name); otherwise the run records why it stopped and can be
+    resumed."""
     started = time.time()
     try:
         return _search_in_run(run, space, plan, replay, executor, progress, started)
     except BaseException as e:  # the run records why it stopped, then the error goes on to the caller
-        run.write_meta(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e)[:500])
+        if created and not run.records():
+            run.discard()
+        else:
+            run.write_meta(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e)[:500])
         raise
+    finally:
+        run.unlock()
 
 
 def _search_in_run(run: Run, space: SearchSpace, plan: _Plan, replay, executor, progress, started: float) -> SearchResult:
@@ -182,7 +194,7 @@ def search(space: SearchSpace | dict | str | os.PathLike, *, objectives: Sequenc
     config["objectives"] = _objective_names(objectives)
     run = Run.create(runs_dir, name or Run.default_name(space.name, space.seed), config)
     run.log(f"search started: {space.name}, seed {space.seed}, engine {space.engine.name}, executor {space.executor.kind}")
-    return SearchOutcome(run, _drive(run, space, plan, None, executor, progress))
+    return SearchOutcome(run, _drive(run, space, plan, None, executor, progress, created=True))
 
 
 def resume(run_dir: str | os.PathLike, *, objectives: Sequence[ObjectiveSpec] | None = None, executor=None,
@@ -190,7 +202,7 @@ def resume(run_dir: str | os.PathLike, *, objectives: Sequence[ObjectiveSpec] | 
     """Continue a run where it stopped: recorded evaluations are replayed, not recomputed."""
     run = Run.open(run_dir)
     config = run.config
-    names = config["objectives"]
+    names = list(config.get("objectives") or ["mean"])
     if objectives is None:
         api = [n for n in names if n.startswith("<api:")]
         if api:
@@ -200,13 +212,18 @@ def resume(run_dir: str | os.PathLike, *, objectives: Sequence[ObjectiveSpec] | 
     elif _objective_names(objectives) != names:
         raise Merge3Error(f"objectives {_objective_names(objectives)} differ from the run's {names}")
     space = parse_space({**config, "objectives": ["mean"]}, str(run.path / "config.yaml"))
-    if run.meta.get("status") == "finished":
-        raise Merge3Error(f"run '{run.path}' has already finished")
-    plan = validate(space, objectives, factory)
-    replay = run.replay()
+    run.lock()  # before anything is read for replay: a second writer stops here
+    try:
+        if run.meta.get("status") == "finished":
+            raise Merge3Error(f"run '{run.path}' has already finished")
+        plan = validate(space, objectives, factory)
+        replay = run.replay()
+    except BaseException:
+        run.unlock()
+        raise
     run.log(f"resuming with {len(replay)} recorded evaluations")
     run.write_meta(status="running", resumed=run.meta.get("resumed", 0) + 1)
-    return SearchOutcome(run, _drive(run, space, plan, replay, executor, progress))
+    return SearchOutcome(run, _drive(run, space, plan, replay, executor, progress, created=False))
 
 
 def top_records(run: Run, top: int) -> list[dict]:
@@ -224,11 +241,13 @@ def top_records(run: Run, top: int) -> list[dict]:
     return out
 
 
-def verify(run_dir: str | os.PathLike, *, top: int = 3, log=print) -> list[dict]:
+def verify(run_dir: str | os.PathLike, *, top: int = 3, log=print, baselines: bool = False) -> list[dict]:
     """Score the run's ``top`` candidates on every item of the bank's **search** split and of its **test** split
     (which the search never saw), and store both in ``verified.json``.
 
     ``test_mean − search_mean`` of a merge is its generalisation gap: how much the search fitted its own items.
+    ``baselines``: also score the fixed recipes (once per bank, cached), so the report can draw the best of them —
+    a few seconds on the digits zoo, many full-bank evaluations on a language model.
     """
     run = Run.open(run_dir)
     space = parse_space({**run.config, "objectives": ["mean"]}, str(run.path / "config.yaml"))
@@ -261,7 +280,8 @@ def verify(run_dir: str | os.PathLike, *, top: int = 3, log=print) -> list[dict]
         log(f"verified gen {record['generation']} #{record['index']}: estimated {record['mean']:.4f}, "
             f"search split {entry['search_mean']:.4f}, {test}")
     run.write_verified(verified)
-    _score_baselines(run, log)
+    if baselines:
+        _score_baselines(run, log)
     _write_report(run)
     return [verified[f"{r['generation']}/{r['index']}"] for r in records]
 
@@ -312,12 +332,14 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     import yaml
 
     from merge3.methods import layer_groups, merge_groups, plans_from_choices
-    from merge3.methods._mergekit_export import mergekit_config
-    from merge3.models import file_sha256, load_state_dict, save_state_dict, weight_files
+    from merge3.methods import mergekit_config
+    from merge3.models import check_finite, file_sha256, load_state_dict, save_state_dict, weight_files
 
     run = Run.open(run_dir)
+    if rank < 1:
+        raise Merge3Error(f"--rank {rank} is out of range: ranks start at 1 (the best merge)")
     verified = run.verified()
-    candidates = top_records(run, max(rank, 1) + len(verified))
+    candidates = top_records(run, rank + len(verified))
     ranked = sorted(candidates, key=lambda r: -reported_score(verified.get(f"{r['generation']}/{r['index']}"),
                                                               r["objectives"][0]))
     if not 1 <= rank <= len(ranked):
@@ -328,8 +350,11 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
         raise Merge3Error("export of same-task (C2M3) runs is not supported yet: it needs the alignment")
     base = load_state_dict(models["base"])
     endpoints = [load_state_dict(p) for p in models["endpoints"]]
+    for path, state in zip([models["base"], *models["endpoints"]], [base, *endpoints]):
+        check_finite(state, path)  # the models may have changed on disk since the search
     groups = layer_groups(base, run.config["genome"]["granularity"])
     merged = merge_groups(base, endpoints, plans_from_choices(groups, record["plan"]))
+    check_finite(merged, f"the merge of gen {record['generation']} #{record['index']}")
     entry = verified.get(f"{record['generation']}/{record['index']}", {})
     manifest = {
         "merge3_version": __version__, "run": str(run.path), "generation": record["generation"],

@@ -23,13 +23,12 @@ def command(name: str):
 
 
 def resolve_device(name: str) -> str:
-    import torch
+    from merge3.runtime import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise Merge3Error(f"--device {name}: CUDA is not available on this machine")
-    return name
+    try:
+        return resolve(name)
+    except Merge3Error as e:
+        raise Merge3Error(f"--device: {e}") from None
 
 
 def _console():
@@ -111,8 +110,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     settings = CalibrationSettings(
         random_merges=args.random_merges, methods=args.methods.split(","), granularity=args.granularity,
-        ns=[int(n) for n in args.ns.split(",")], seed=args.seed, kind=args.kind,
-        dims=args.dims if args.dims == "auto" else int(args.dims), backend=args.backend,
+        ns=args.ns, seed=args.seed, kind=args.kind, dims=args.dims, backend=args.backend,
     )
     names = args.names.split(",") if args.names else None
     if names is not None and len(names) != len(args.models):
@@ -164,7 +162,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from merge3._api import verify
 
-    verify(args.run, top=args.top, log=_console().print)
+    verify(args.run, top=args.top, log=_console().print, baselines=args.baselines)
     return 0
 
 
@@ -183,9 +181,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from merge3.runs import format_leaderboard, leaderboard, print_leaderboard
 
     console = _console()
+
+    def log(message: str) -> None:  # warnings (a skipped run) go to stderr, one line each, so stdout stays the board
+        if message.startswith("warning:") or args.format != "table":
+            print(message, file=sys.stderr)
+        else:
+            console.print(message, style="dim", markup=False)
+
     frame = leaderboard(args.runs or ["runs"], task=args.task, top=args.top, verified_only=args.verified_only,
-                        baselines=not args.no_baselines, per_run=args.per_run,
-                        log=lambda m: console.print(m, style="dim", markup=False))
+                        baselines=not args.no_baselines, per_run=args.per_run, log=log)
     if args.format == "table":
         if args.out:
             raise Merge3Error("--out needs --format csv, markdown, json or html")
@@ -285,7 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_outcome(outcome, console)
 
     console.rule("4/4: verify the best merges on every search item and on the test split (unseen)")
-    verified = verify(outcome.run.path, top=args.top, log=console.print)
+    verified = verify(outcome.run.path, top=args.top, log=console.print, baselines=True)
     acc = zoo.info["accuracy"]["tasks"]
     console.print(f"(zoo table above: every held-out item) base + heads: {np.mean([acc['base'][t] for t in tasks]):.3f}"
                   f"   fine-tunes on their own task: {np.mean([acc[f'ft-{t}'][t] for t in tasks]):.3f}")
@@ -316,12 +320,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``error: …`` line (and exit 2), the usage left to ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_SEED, _COUNT = _int_at_least(0), _int_at_least(1)
+
+
+def _sizes(text: str) -> list[int]:
+    """``5,10,20`` → [5, 10, 20] (positive integers)."""
+    try:
+        return [_COUNT(n.strip()) for n in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers ≥ 1, got {text!r}") from None
+
+
+def _dims(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _COUNT(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer ≥ 1, got {text!r}") from None
+
+
+def _threads(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        return args.threads
+    text = os.environ.get("MERGE3_THREADS", "1")
+    try:
+        return _COUNT(text)
+    except argparse.ArgumentTypeError as e:
+        raise Merge3Error(f"MERGE3_THREADS: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from merge3 import __version__
 
-    parser = argparse.ArgumentParser(prog="merge3", description="Evolutionary model-merge search with IRT-estimated fitness.")
+    parser = _Parser(prog="merge3", description="Evolutionary model-merge search with IRT-estimated fitness.")
     parser.add_argument("--version", action="version", version=f"merge3 {__version__}")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("MERGE3_THREADS", "1")),
+    parser.add_argument("--threads", type=_COUNT, default=None,
                         help="torch CPU threads (default 1, or $MERGE3_THREADS)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -334,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="search space YAML (see search_spaces/)")
     p.add_argument("--name", help="run name (default: <space>-s<seed>-<time>)")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--seed", type=int, default=None, help="override the space's seed")
+    p.add_argument("--seed", type=_SEED, default=None, help="override the space's seed")
     p.add_argument("--executor", choices=["local", "ray"], default=None, help="override executor.kind")
-    p.add_argument("--actors", type=int, default=None, help="override executor.actors")
+    p.add_argument("--actors", type=_COUNT, default=None, help="override executor.actors")
     p.add_argument("--address", default=None, help="Ray cluster address (or set RAY_ADDRESS)")
     p.add_argument("--quiet", action="store_true", help="one line per generation instead of a progress bar")
 
@@ -349,15 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder")
     p.add_argument("--models", nargs="+", required=True, help="endpoint model folders (the fine-tunes)")
     p.add_argument("--names", help="comma-separated endpoint names (default: folder names)")
-    p.add_argument("--random-merges", type=int, default=150, help="random merges answering the bank (default 150)")
+    p.add_argument("--random-merges", type=_SEED, default=150, help="random merges answering the bank (default 150)")
     p.add_argument("--methods", default="task_arithmetic,ties,dare,tsv_merge", help="methods random merges use")
     p.add_argument("--granularity", default="layer", choices=["layer", "block", "attn_mlp", "model"])
-    p.add_argument("--ns", default="5,10,20,50,100", help="items per task to calibrate subsets for")
+    p.add_argument("--ns", type=_sizes, default="5,10,20,50,100", help="items per task to calibrate subsets for")
     p.add_argument("--kind", default="mirt", choices=["mirt", "2pl", "1pl"], help="IRT model")
-    p.add_argument("--dims", default="auto", help="IRT dimension D, or 'auto' (chosen on held-out subjects)")
+    p.add_argument("--dims", type=_dims, default="auto",
+                   help="IRT dimension D, or 'auto' (chosen on held-out subjects)")
     p.add_argument("--backend", default="torch", choices=["torch", "py-irt"],
                    help="who fits the final IRT model: our MAP (torch) or py-irt's SVI (needs the pyirt extra)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="recalibrate even when the cached calibration matches")
 
@@ -371,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = actions.add_parser("split", help="add a stratified search/test split to a bank (atomically)")
     q.add_argument("bank", help="item-bank folder")
     q.add_argument("--test-fraction", type=float, required=True, help="share of each task's items held out for test")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_SEED, default=0)
     q.add_argument("--force", action="store_true", help="split a bank that is already split, again")
     q = actions.add_parser("from-file", help="a causal_lm bank from local JSONL/CSV/parquet files or lm-eval task YAMLs")
     q.add_argument("files", nargs="*", help="data files (.jsonl/.json/.csv/.parquet), one task each")
@@ -389,13 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target-delimiter", default=" ", help="between prompt and choice (lm-eval's target_delimiter)")
     q.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     q.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--max-new-tokens", type=int, default=16)
+    q.add_argument("--batch-size", type=_COUNT, default=16)
+    q.add_argument("--max-new-tokens", type=_COUNT, default=16)
     q.add_argument("--stop", action="append", help="stop string, backslash escapes allowed (repeatable; default: newline)")
     q.add_argument("--normalize", choices=["strip", "lower", "number"], default="strip",
                    help="how a generation is compared with its answer")
     q.add_argument("--test-fraction", type=float, help="hold out this share of each task as the test split")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_SEED, default=0)
     q.add_argument("--name", help="bank name (default: the folder name)")
     q.add_argument("--description", default="")
     q.add_argument("--force", action="store_true", help="replace a calibrated bank that has other items")
@@ -405,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="zoo name: digits, or minilm (all-MiniLM-L6-v2 on BBC News; `examples` extra)")
     p.add_argument("--out", default=None, help="zoo folder (default zoo/NAME)")
     p.add_argument("--banks-dir", default="item_banks", help="where its item banks go (default item_banks)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even when a cached zoo matches")
 
     p = sub.add_parser("demo", help="the main job on the embedded digits demo, end to end")
@@ -413,9 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo-dir", default="zoo/digits")
     p.add_argument("--banks-dir", default="item_banks")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--random-merges", type=int, default=150, help="calibration subjects besides base and endpoints")
-    p.add_argument("--top", type=int, default=3, help="verify this many of the best merges on the full bank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-merges", type=_SEED, default=150, help="calibration subjects besides base and endpoints")
+    p.add_argument("--top", type=_COUNT, default=3, help="verify this many of the best merges on the full bank")
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("merge", help="merge models from a YAML config (mergekit's schema + merge3's methods)")
@@ -436,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="table", choices=FORMATS, help="table (terminal), csv, markdown, json or html")
     p.add_argument("--out", help="write the csv/markdown/json/html to this file (atomically) instead of stdout")
     p.add_argument("--task", help="score and sort by this task alone")
-    p.add_argument("--top", type=int, help="keep the best N merges per bank (baselines always stay)")
-    p.add_argument("--per-run", type=int, default=5, help="candidates per single-objective run (default 5)")
+    p.add_argument("--top", type=_COUNT, help="keep the best N merges per bank (baselines always stay)")
+    p.add_argument("--per-run", type=_COUNT, default=5, help="candidates per single-objective run (default 5)")
     p.add_argument("--verified-only", action="store_true", help="only merges scored on the full bank")
     p.add_argument("--no-baselines", action="store_true", help="skip the fixed recipes (scored once, then cached)")
 
@@ -446,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="score a run's best candidates on every search item and on the test split")
     p.add_argument("run")
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=_COUNT, default=3)
+    p.add_argument("--baselines", action="store_true",
+                   help="also score the fixed recipes (cached in the bank) so the report draws the best of them")
     return parser
 
 
@@ -455,21 +512,83 @@ def _plain_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"warning: {message}", file=sys.stderr)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that runs are marked interrupted and partial outputs removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix (a file, a format, a device): one line, exit 2 — like a ``Merge3Error``."""
+    import json
+
+    import yaml
+
+    expected: list[type[BaseException]] = [OSError, json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError]
+    try:
+        from safetensors import SafetensorError
+
+        expected.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(expected)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _crash_report(error: BaseException) -> str:
+    """Write the traceback of an unexpected error to a log file; return its path."""
+    import tempfile
+    import time
+    import traceback
+
+    path = Path(tempfile.gettempdir()) / f"merge3-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"merge3 {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(error)))
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its loaders log a failure before raising it: one line
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _plain_warning
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         import torch
 
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(_threads(args))
         return COMMANDS[args.command](args) or 0
     except Merge3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("error: terminated (SIGTERM); nothing half-written is left — a run can be continued with merge3 resume",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # user code (an objective's module) called sys.exit
+        if e.code in (0, None):
+            return 0
+        print(f"error: exit requested by user code ({e.code})", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001  (the error boundary: no traceback reaches the user)
+        if isinstance(e, _expected_errors()):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"error: unexpected {_one_line(e)} (this is a merge3 bug: the traceback is in {_crash_report(e)})",
+              file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import pytest
 from merge3._errors import Merge3Error
 from merge3.itembank._estimators import Estimate, Estimator
 from merge3.itembank._fidelity import fidelity_benchmark, format_fidelity_table
-from merge3.itembank._irt import fit_irt
 from merge3.itembank._subsets import select_subset
 from merge3.itembank._synthetic_irt import simulate_bank, simulate_merges
 

@@ -3,11 +3,9 @@
 import os
 import signal
 import threading
-import time
 
 import pytest
 
-from merge3.runtime import CandidateResult
 from merge3.runtime import LocalExecutor, RayExecutor, SyntheticFactory
 from merge3.search import Genome, Objectives, Search, make_engine
 

@@ -11,7 +11,7 @@ import yaml
 
 import merge3
 from merge3 import Merge3Error
-from merge3.itembank import BankSpec, ItemBank, NoTestSplitWarning, split_bank, stratified_split, write_bank
+from merge3.itembank import BankSpec, ItemBank, NoTestSplitWarning, stratified_split, write_bank
 
 SPEC = BankSpec(name="toy", tasks=["a", "b"], evaluator={"kind": "classifier"})
 
@@ -29,11 +29,12 @@ def test_stratified_split_is_seeded_and_stratified_per_task():
 
 
 def test_write_bank_records_the_split_and_loads_it(tmp_path):
-    bank = write_bank(tmp_path / "b", SPEC, toy_items(), test_fraction=0.25, seed=3)
+    written = write_bank(tmp_path / "b", SPEC, toy_items(), test_fraction=0.25, seed=3)
     raw = yaml.safe_load((tmp_path / "b" / "bank.yaml").read_text())
     assert raw["split"] == {"column": "split", "method": "stratified", "test_fraction": 0.25, "seed": 3,
                             "description": raw["split"]["description"]}
     again = ItemBank.load(tmp_path / "b")
+    assert list(again.split_of) == list(written.split_of)
     assert again.has_test_split and len(again.test_indices) == 5 + 2 and len(again.search_indices) == 30 - 7
     assert set(again.split_of[again.test_indices]) == {"test"}
     assert again.fingerprint("search") != again.fingerprint("test")
@@ -154,7 +155,7 @@ def test_a_search_never_answers_a_test_item_and_verify_scores_both_splits(calibr
         assert answered and not answered & test
         assert record["items_evaluated"] == len(answered)
     assert outcome.run.meta["full_bank_equivalent"] == 12 * len(items.search_indices)
-    entries = verify(outcome.run.path, top=2, log=lambda *a: None)
+    entries = verify(outcome.run.path, top=2, log=lambda *a: None, baselines=True)
     for entry in entries:
         assert set(entry["search"]) == set(entry["test"]) == set(items.tasks)
         assert entry["items"] == {"search": len(items.search_indices), "test": len(items.test_indices)}

@@ -55,7 +55,7 @@ class NoTestSplitWarning(UserWarning):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
 
 
 class ClassifierSpec(_Strict):
@@ -253,8 +253,14 @@ class ItemBank:
     def __len__(self) -> int:
         return len(self.items)
 
-    def resolve(self, relative: str) -> Path:
-        return (self.path / relative).resolve()
+    def resolve(self, relative: str, *, inside: bool = True) -> Path:
+        """A path named in bank.yaml, relative to the bank folder. Files the bank owns (heads) must stay inside it
+        (``inside``: a path leading out is refused); a reference to a model folder (the tokenizer) may point anywhere."""
+        root = self.path.resolve()
+        path = (root / relative).resolve()
+        if inside and path != root and root not in path.parents:
+            raise Merge3Error(f"item bank '{self.path}': '{relative}' leads outside the bank folder")
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, warn: bool = True) -> ItemBank:
@@ -264,6 +270,8 @@ class ItemBank:
             raise Merge3Error(f"item bank '{path}' has no {BANK_FILE} (is this an item-bank folder?)")
         try:
             raw = yaml.safe_load(spec_file.read_text())
+        except UnicodeDecodeError:
+            raise Merge3Error(f"{spec_file}: not a text file (bank.yaml must be UTF-8 YAML)") from None
         except yaml.YAMLError as e:
             raise Merge3Error(f"{spec_file}: not valid YAML: {str(e).splitlines()[0]}") from None
         try:
@@ -414,19 +422,33 @@ def normalize_answer(text: str, how: str) -> str | None:
 
 
 def read_items(path: str | os.PathLike) -> pd.DataFrame:
-    """Items from a parquet/jsonl/csv file through ``datasets`` (kept in memory: no cache written)."""
-    import datasets
-
+    """Items from a parquet/jsonl/csv file through ``datasets`` (kept in memory: no cache written); with pandas
+    where ``datasets`` is not installed (e.g. a GPU machine with only torch's stack)."""
     path = Path(path)
     builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix)
     if builder is None:
         raise Merge3Error(f"items file '{path}' must be .parquet, .jsonl, .json or .csv")
+    try:
+        import datasets
+    except ImportError:
+        return _read_items_pandas(path, builder)
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as e:
-        raise Merge3Error(f"cannot read items file '{path}': {str(e).splitlines()[0]}") from None
+    except Exception:  # noqa: BLE001  (its messages are generic: pandas says what is wrong with the file)
+        return _read_items_pandas(path, builder)
     return table.to_pandas()
+
+
+def _read_items_pandas(path: Path, builder: str) -> pd.DataFrame:
+    try:
+        if builder == "parquet":
+            return pd.read_parquet(path)
+        if builder == "csv":
+            return pd.read_csv(path)
+        return pd.read_json(path, lines=path.suffix == ".jsonl")
+    except Exception as e:  # noqa: BLE001  (any reader error is a bad file)
+        raise Merge3Error(f"cannot read items file '{path}': {str(e).splitlines()[0]}") from None
 
 
 def stratified_split(tasks: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
@@ -508,6 +530,10 @@ def write_bank(path: str | os.PathLike, spec: BankSpec, items: pd.DataFrame, fil
     files = dict(files or {})
     spec, items = with_split(spec, items, test_fraction, seed, split_description)
     ItemBank(path, spec, items, warn=False)  # validate before anything touches the disk
+    if path.exists() and not path.is_dir():
+        raise Merge3Error(f"'{path}' is a file: an item bank is a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / BANK_FILE).exists():
+        raise Merge3Error(f"'{path}' exists and is not an item bank: refusing to replace it (choose another folder)")
     if path.exists() and (path / BANK_FILE).exists():
         if _existing_hash(path) == _content_hash(spec, read_items_frame(items), files):
             return ItemBank.load(path, warn=False)

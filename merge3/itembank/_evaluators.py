@@ -53,17 +53,12 @@ class ClassifierEvaluator:
         self.bank, self.device, self.batch_size = bank, torch.device(device), spec.batch_size
         self.inputs = torch.tensor(np.stack(bank.items["input"].to_numpy()), dtype=torch.float32, device=self.device)
         self.answers = torch.tensor(bank.items["answer"].to_numpy().astype(np.int64), device=self.device)
-        self.heads = {t: self._load_head(bank, t, f) for t, f in (spec.heads or {}).items()}
+        self.heads = {t: _load_head_file(bank, t, f, self.device) for t, f in (spec.heads or {}).items()}
         missing = [t for t in bank.tasks if spec.heads is not None and t not in self.heads]
         if missing:
             raise Merge3Error(f"item bank '{bank.path}': evaluator.heads has no head for task '{missing[0]}'")
-
-    def _load_head(self, bank: ItemBank, task: str, file: str) -> tuple[torch.Tensor, torch.Tensor]:
-        path = bank.resolve(file)
-        if not path.exists():
-            raise Merge3Error(f"item bank '{bank.path}': head file '{file}' for task '{task}' does not exist")
-        head = load_file(str(path), device=str(self.device))
-        return head["weight"].float(), head["bias"].float()
+        for task, (weight, _) in self.heads.items():
+            _check_answers(bank, task, weight.shape[0])
 
     @torch.inference_mode()
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
@@ -75,22 +70,50 @@ class ClassifierEvaluator:
             rows = torch.as_tensor(indices[where], device=self.device)
             preds = []
             for chunk in rows.split(self.batch_size):
-                out = model(self.inputs[chunk]).float()
+                out = self._forward(model, self.inputs[chunk]).float()
                 if self.heads:
                     weight, bias = self.heads[task]
+                    if out.shape[-1] != weight.shape[1]:
+                        raise Merge3Error(f"item bank '{self.bank.path}': the head of task '{task}' "
+                                          f"({self.bank.spec.evaluator.heads[task]}) takes {weight.shape[1]} features; "
+                                          f"the model gives {out.shape[-1]}")
                     out = out @ weight.T + bias
                 preds.append(out.argmax(-1))
             correct[where] = (torch.cat(preds) == self.answers[rows]).cpu().numpy()
         return correct
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return model(x)
+        except RuntimeError as e:  # shapes that do not fit: the bank's inputs are not this model's
+            raise Merge3Error(f"item bank '{self.bank.path}': the model cannot take its items' 'input' "
+                              f"({x.shape[-1]} values each): {str(e).splitlines()[0]}") from None
+
+
+def _check_answers(bank: ItemBank, task: str, classes: int) -> None:
+    """Every answer of ``task`` is a class its head can output."""
+    answers = bank.items["answer"].to_numpy()[bank.task_indices[task]].astype(np.int64)
+    bad = np.flatnonzero((answers < 0) | (answers >= classes))
+    if bad.size:
+        item = bank.item_ids[bank.task_indices[task][bad[0]]]
+        raise Merge3Error(f"item bank '{bank.path}': item '{item}' has answer {answers[bad[0]]}, but the head of task "
+                          f"'{task}' has {classes} classes")
 
 
 def _load_head_file(bank: ItemBank, task: str, file: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     path = bank.resolve(file)
     if not path.exists():
         raise Merge3Error(f"item bank '{bank.path}': head file '{file}' for task '{task}' does not exist")
-    head = load_file(str(path), device=str(device))
+    try:
+        head = load_file(str(path), device=str(device))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types on damaged files)
+        raise Merge3Error(f"item bank '{bank.path}': head file '{file}' for task '{task}' is not readable "
+                          f"safetensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if "weight" not in head or "bias" not in head or head["weight"].ndim != 2:
         raise Merge3Error(f"item bank '{bank.path}': head file '{file}' needs a 2-D 'weight' and a 'bias'")
+    if head["bias"].shape != head["weight"].shape[:1]:
+        raise Merge3Error(f"item bank '{bank.path}': head file '{file}': bias {tuple(head['bias'].shape)} does not "
+                          f"fit weight {tuple(head['weight'].shape)}")
     return head["weight"].float(), head["bias"].float()
 
 
@@ -125,6 +148,8 @@ class TextClassifierEvaluator:
         if missing:
             raise Merge3Error(f"item bank '{bank.path}': evaluator.heads has no head for task '{missing[0]}'")
         self.heads = {t: _load_head_file(bank, t, f, self.device) for t, f in spec.heads.items() if t in bank.tasks}
+        for task, (weight, _) in self.heads.items():
+            _check_answers(bank, task, weight.shape[0])
         texts = [str(t) for t in bank.items["text"].to_numpy()]
         self.input_ids: list[list[int]] = tokenizer(texts, truncation=True, max_length=spec.max_length)["input_ids"]
         lengths = np.array([len(ids) for ids in self.input_ids])
@@ -537,7 +562,7 @@ def make_evaluator(bank: ItemBank, device: str | torch.device = "cpu", tokenizer
     spec = bank.spec.evaluator
     if isinstance(spec, ClassifierSpec):
         return ClassifierEvaluator(bank, device)
-    source = bank.resolve(spec.tokenizer) if spec.tokenizer else tokenizer_from
+    source = bank.resolve(spec.tokenizer, inside=False) if spec.tokenizer else tokenizer_from
     if source is None:
         raise Merge3Error(f"item bank '{bank.path}' needs a tokenizer: set evaluator.tokenizer or pass a model folder")
     tok = load_tokenizer(source)
@@ -556,6 +581,8 @@ def load_model_for(bank: ItemBank, path: str | os.PathLike, device: str | torch.
 
     >>> model = load_model_for(ItemBank.load("item_banks/digits"), "zoo/digits/base")  # doctest: +SKIP
     """
-    from merge3.models import load_model
+    from merge3.models import check_finite, load_model
 
-    return load_model(path, device=device, hf_class=HF_CLASS_FOR[bank.spec.evaluator.kind])
+    module = load_model(path, device=device, hf_class=HF_CLASS_FOR[bank.spec.evaluator.kind])
+    check_finite(dict(module.state_dict()), str(path))  # an accuracy of NaN weights means nothing
+    return module

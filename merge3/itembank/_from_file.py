@@ -171,7 +171,12 @@ def _read(path: Path) -> pd.DataFrame:
         raise Merge3Error(f"data file '{path}' does not exist")
     if path.suffix not in DATA_SUFFIXES:
         raise Merge3Error(f"data file '{path}' must be .jsonl, .json, .csv or .parquet")
-    return read_items(path)
+    if path.stat().st_size == 0:
+        raise Merge3Error(f"data file '{path}' is empty")
+    frame = read_items(path)
+    if frame.empty:
+        raise Merge3Error(f"data file '{path}' has no rows")
+    return frame
 
 
 def _need(frame: pd.DataFrame, column: str, path, role: str) -> None:

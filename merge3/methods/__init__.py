@@ -68,6 +68,7 @@ __all__ = [
     "list_methods",
     "load_config",
     "merge_from_config",
+    "mergekit_config",
     "merge_method",
     "mlp_spec",
     "rebasin_average",

@@ -23,6 +23,7 @@ from merge3._errors import Merge3Error
 from merge3.methods._groups import layer_groups
 from merge3.methods._inputs import MergeInputs, is_tsv_key
 from merge3.methods._kernels import check_inputs
+from merge3.models import check_finite
 from merge3.methods._tsv import singular_task_interference
 
 ModelLike = Mapping[str, torch.Tensor] | str | os.PathLike
@@ -77,6 +78,8 @@ def inspect_models(base: ModelLike, models: Sequence[ModelLike], names: Sequence
         raise Merge3Error(f"inspect: {len(names)} names for {len(models)} models")
     base_sd, model_sds = _open(base), [_open(m) for m in models]
     check_inputs(base_sd, model_sds)
+    for name, sd in zip(["base", *names], [base_sd, *model_sds]):
+        check_finite(sd, name)  # a cosine of NaN weights is a table of NaN
     inputs = MergeInputs(base_sd, model_sds)
     keys = [k for k in inputs.keys() if inputs.is_float(k)]
     t = len(models)
@@ -145,18 +148,21 @@ def write_heatmap(frame: pd.DataFrame, path: str | os.PathLike, title: str, cmap
 
 
 def write_inspection(report: Inspection, out_dir: str | os.PathLike) -> list[Path]:
-    """CSV tables and PNG heatmaps (cosine, sign conflicts, per-layer norms) of a report, into ``out_dir``."""
+    """CSV tables and PNG heatmaps (cosine, sign conflicts, per-layer norms) of a report, into ``out_dir`` (a new or
+    empty folder: written in a temporary folder and renamed, so no file of the user's is overwritten)."""
+    from merge3.models import atomic_dir
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in ("cosine", "sign_conflicts", "layer_norms", "interference"):
-        frame = getattr(report, name)
-        frame.to_csv(out / f"{name}.csv", index=name != "interference")
-        written.append(out / f"{name}.csv")
-    written.append(write_heatmap(report.cosine, out / "cosine.png", "task-vector cosine similarity", "coolwarm", -1, 1))
-    written.append(write_heatmap(report.sign_conflicts, out / "sign_conflicts.png", "sign-conflict rate", "magma", 0, 1))
-    written.append(write_heatmap(report.layer_norms, out / "layer_norms.png", "task-vector norm per layer"))
-    return written
+    with atomic_dir(out) as tmp:
+        written = []
+        for name in ("cosine", "sign_conflicts", "layer_norms", "interference"):
+            getattr(report, name).to_csv(tmp / f"{name}.csv", index=name != "interference")
+            written.append(f"{name}.csv")
+        write_heatmap(report.cosine, tmp / "cosine.png", "task-vector cosine similarity", "coolwarm", -1, 1)
+        write_heatmap(report.sign_conflicts, tmp / "sign_conflicts.png", "sign-conflict rate", "magma", 0, 1)
+        write_heatmap(report.layer_norms, tmp / "layer_norms.png", "task-vector norm per layer")
+        written += ["cosine.png", "sign_conflicts.png", "layer_norms.png"]
+    return [out / name for name in written]
 
 
 __all__ = ["Inspection", "inspect_models", "write_heatmap", "write_inspection"]

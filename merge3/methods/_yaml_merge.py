@@ -56,7 +56,7 @@ _IGNORED = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 
 class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
@@ -64,7 +64,7 @@ class ModelEntry(BaseModel):
 class MergeConfig(BaseModel):
     """A merge config; unknown fields are refused with their name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
     merge_method: str
     base_model: Optional[str] = None
     models: list[ModelEntry] = Field(min_length=1)
@@ -77,10 +77,14 @@ class MergeConfig(BaseModel):
 def load_config(path: str | os.PathLike) -> MergeConfig:
     """Read and validate a merge config; a ``Merge3Error`` names the file and the first bad field."""
     path = Path(path)
+    if path.is_dir():
+        raise Merge3Error(f"merge config '{path}' is a folder: give the YAML file")
     if not path.is_file():
         raise Merge3Error(f"merge config '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise Merge3Error(f"merge config '{path}' is not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as e:
         raise Merge3Error(f"merge config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -175,6 +179,33 @@ def _resolve_path(text: str, config_dir: Path, field: str) -> Path:
     raise Merge3Error(f"field '{field}': '{text}' does not exist (merge3 reads local folders or files only)")
 
 
+class _FiniteInput(Mapping[str, torch.Tensor]):
+    """An input model whose every tensor is checked as it is read: NaN/Inf weights are refused even where the merge
+    would hide them (a zero weight, a dropped or trimmed entry)."""
+
+    def __init__(self, model: Mapping[str, torch.Tensor], name: str):
+        self._model, self._name = model, name
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self._model[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise Merge3Error(f"{self._name} has {bad} NaN/Inf value(s) in '{key}': refusing to merge non-finite "
+                              "weights")
+        return tensor
+
+    def __iter__(self):
+        return iter(self._model)
+
+    def __len__(self) -> int:
+        return len(self._model)
+
+    def __getattr__(self, name: str):  # shape, dtype, path of the lazy state dict
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+
 class _ShardWriter(Sink):
     """Collects merged tensors into shards planned from the tensor sizes, writing each shard when it is complete,
     so at most one shard of output is in memory."""
@@ -195,12 +226,26 @@ class _ShardWriter(Sink):
 
     def write(self, key: str, value: torch.Tensor | None) -> None:
         tensor = self.inputs.raw_anchor(key) if value is None else value
+        tensor = tensor.to(device="cpu", dtype=self.out_dtype[key]).contiguous()  # checked as written: casts overflow
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise Merge3Error(f"the merged tensor '{key}' has NaN/Inf values (from {self._culprit(key)}): refusing to "
+                              "write non-finite weights")
         i = self.shard_of[key]
-        self.buffers[i][key] = tensor.to(device="cpu", dtype=self.out_dtype[key]).contiguous()
+        self.buffers[i][key] = tensor
         self.pending[i].discard(key)
         if not self.pending[i]:
             save_file(self.buffers[i], str(self.folder / self.names[i]), metadata={"format": "pt"})
             self.buffers[i] = {}
+
+    def _culprit(self, key: str) -> str:
+        """Which input holds the non-finite values of ``key`` (or the merge itself, e.g. an overflow)."""
+        sources = ([("the base", self.inputs.base)] if self.inputs.base is not None else [])
+        sources += [(f"model {i}", m) for i, m in enumerate(self.inputs.models)]
+        for name, source in sources:
+            t = source[key]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{name}, '{getattr(source, 'path', name)}'"
+        return "the merge itself: an overflow in the output dtype" if self.dtype is not None else "the merge itself"
 
     def write_index(self) -> None:
         index = {"metadata": {"total_size": self.total_size},
@@ -238,7 +283,7 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
     >>> io.load_state_dict(out)["w"].tolist(), (out / "merge3-manifest.json").exists()
     ([2.0, 2.0], True)
     """
-    from merge3.models import atomic_dir, check_compatible, copy_model_files, open_lazy, parse_size
+    from merge3.models import atomic_dir, check_compatible, check_same_tokenizer, copy_model_files, open_lazy, parse_size
 
     config_path = Path(config_path)
     config = load_config(config_path)
@@ -248,6 +293,8 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
         raise Merge3Error(f"field 'base_model': {config.merge_method} needs a base model")
     base_path = _resolve_path(config.base_model, config_path.parent, "base_model") if config.base_model else None
     model_paths = [_resolve_path(m.model, config_path.parent, f"models.{i}.model") for i, m in enumerate(config.models)]
+    reference_path = base_path if base_path is not None else model_paths[0]
+    check_same_tokenizer(reference_path, [p for p in model_paths if p != reference_path])
     base = open_lazy(base_path) if base_path is not None else None
     models = [open_lazy(p) for p in model_paths]
     names = [m.model for m in config.models]
@@ -256,6 +303,8 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
     else:
         check_compatible(models[0], models[1:], names[1:], reference_name=names[0], check_dtypes=False)
     dtype = _DTYPES[config.dtype] if config.dtype else None
+    base = _FiniteInput(base, f"base_model '{base_path}'") if base is not None else None
+    models = [_FiniteInput(m, f"models.{i}.model '{p}'") for i, (m, p) in enumerate(zip(models, model_paths))]
     inputs = MergeInputs(base, models, device=device)
     keys = inputs.keys()
     with atomic_dir(out_dir) as tmp:
@@ -263,8 +312,7 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
         with torch.no_grad():
             run_method(inputs, method_name, params, keys, layer_positions(keys), writer)
         writer.write_index()
-        source = base_path if base_path is not None else model_paths[0]
-        copied = copy_model_files(source, tmp) if source.is_dir() else []
+        copied = copy_model_files(reference_path, tmp) if reference_path.is_dir() else []
         if dtype is not None and "config.json" in copied:
             _set_config_dtype(tmp / "config.json", config.dtype)
         manifest = _manifest(config, method_name, params, base_path, model_paths, writer.names, copied)

@@ -75,6 +75,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", hf_c
     ``hf_class`` picks the transformers Auto class for HF folders (e.g. ``AutoModelForCausalLM``).
     """
     path = Path(path)
+    if path.is_file():
+        raise Merge3Error(f"'{path}' is a file: give the model folder that holds it and its config.json")
     if not path.is_dir():
         raise Merge3Error(f"model folder '{path}' does not exist (merge3 loads local folders only, never hub ids)")
     config = read_config(path)
@@ -83,15 +85,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", hf_c
     if "merge3_architecture" in config:
         module = build_model(config)
         state = load_state_dict(path)
-        missing, unexpected = module.load_state_dict(state, strict=False)
+        expected = module.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
         if missing or unexpected:
             raise Merge3Error(f"weights in '{path}' do not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise Merge3Error(f"weights in '{path}' do not fit its config.json: '{k}' is "
+                              f"{'×'.join(map(str, state[k].shape))}, the config makes it "
+                              f"{'×'.join(map(str, expected[k].shape))}")
+        module.load_state_dict(state)
         return module.to(device).eval()
     import transformers
 
     auto = getattr(transformers, hf_class, None)
     if auto is None:
         raise Merge3Error(f"transformers has no class '{hf_class}'")
+    transformers.utils.logging.disable_progress_bar()  # a bar per load would drown merge3's own lines
     try:
         module = auto.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

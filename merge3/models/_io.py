@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -70,14 +72,22 @@ def _torch_load(path: Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors and containers
-        raise Merge3Error(
-            f"refusing to load '{path}': it is not a plain tensor file ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+        raise Merge3Error(f"refusing to load '{path}': it is not a plain tensor file ({_load_failure(e)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise Merge3Error(f"'{path}' does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
+
+
+def _load_failure(error: Exception) -> str:
+    """What ``torch.load`` refused, in a few words: the pickled class it met (its message is a page of advice)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it pickles the Python object {found.group(1)}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
@@ -177,10 +187,13 @@ def parse_size(size: int | str) -> int:
     for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
         if text.endswith(unit):
             try:
-                return int(float(text[: -len(unit)]) * factor)
+                value = float(text[: -len(unit)]) * factor
             except ValueError:
                 break
-    raise Merge3Error(f"cannot read size '{size}' (examples: 500MB, 2GB, 1GiB)")
+            if not math.isfinite(value) or value < 1:
+                break  # inf, nan, zero and negative sizes are no shard size
+            return int(value)
+    raise Merge3Error(f"cannot read size '{size}': expected a positive size such as 500MB, 2GB or 1GiB")
 
 
 def plan_shards(keys_sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -220,7 +233,10 @@ class atomic_dir:
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
         self.path = Path(path)
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())) and not overwrite:
+        _check_parent(self.path)
+        if self.path.exists() and not self.path.is_dir():  # a folder never replaces a file, overwrite or not
+            raise Merge3Error(f"output '{self.path}' is a file, not a folder (choose another path)")
+        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
             raise Merge3Error(f"output '{self.path}' already exists and is not empty (choose another path)")
         self.overwrite = overwrite
 
@@ -243,6 +259,15 @@ class atomic_dir:
             self.tmp.rename(self.path)
 
 
+def _check_parent(path: Path) -> None:
+    """An output whose parent (or an ancestor) is a file cannot be made: say which one."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise Merge3Error(f"output '{path}': '{parent}' is a file, not a folder")
+            return
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -252,6 +277,9 @@ def _umask() -> int:
 def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     """Write a file (text, or bytes) through a temporary name in the same folder, so readers never see half of it."""
     path = Path(path)
+    _check_parent(path)
+    if path.is_dir():
+        raise Merge3Error(f"output '{path}' is a folder, not a file (give a file name)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

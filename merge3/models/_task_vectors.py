@@ -106,4 +106,4 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], name: str = "model") ->
     for key, t in state_dict.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise Merge3Error(f"{name} has {bad} NaN/Inf value(s) in '{key}'; refusing to merge non-finite weights")
+            raise Merge3Error(f"{name} has {bad} NaN/Inf value(s) in '{key}': refusing non-finite weights")

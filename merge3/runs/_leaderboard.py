@@ -38,8 +38,11 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
             raise Merge3Error(f"'{path}' does not exist")
         if (path / "run.json").exists():
             runs.append(Run.open(path))
+        elif path.is_dir():
+            runs += [Run.open(p) for p in sorted(path.iterdir())
+                     if p.is_dir() and (p / "run.json").is_file() and (p / "config.yaml").is_file()]
         else:
-            runs += [Run.open(p) for p in sorted(path.iterdir()) if (p / "run.json").exists() and (p / "config.yaml").exists()]
+            raise Merge3Error(f"'{path}' is neither a run folder nor a folder of runs")
     return runs
 
 
@@ -60,7 +63,7 @@ def _params(plan: list[dict]) -> str:
     return "; ".join(f"{g['group']}: " + " ".join(f"{k}={value(v)}" for k, v in g["params"].items()) for g in plan)
 
 
-def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:  # noqa: C901
+def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:
     from merge3.search import SearchResult
 
     records = [r for r in run.records() if r["error"] is None]
@@ -154,8 +157,13 @@ def leaderboard(runs: str | os.PathLike | Iterable[str | os.PathLike] = "runs", 
     >>> merge3.leaderboard("runs").head()  # doctest: +SKIP
     """
     paths = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
-    found = find_runs(paths)
-    rows = [row for run in found for row in _merge_rows(run, per_run)]
+    found, rows = [], []
+    for run in find_runs(paths):
+        try:  # one corrupt run must not cost the whole board
+            rows += _merge_rows(run, per_run)
+            found.append(run)
+        except (Merge3Error, KeyError, TypeError, ValueError) as e:  # a record or file not as merge3 writes it
+            log(f"warning: skipping run {run.path.name}: {e if isinstance(e, Merge3Error) else 'corrupt: ' + repr(e)}")
     if baselines:
         rows += _baseline_rows(found, log)
     frame = pd.DataFrame(rows)

@@ -10,6 +10,7 @@
       best.json, pareto.parquet  written when the search ends
       verified.json        search- and test-split scores of the candidates ``merge3 verify`` checked
       log.txt
+      .lock                held (flock) by the one process writing the run; names it
 
 ``pd.read_json("runs/<id>/evaluations.jsonl", lines=True)`` reads every evaluation.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,9 +31,11 @@ import yaml
 from merge3 import __version__
 from merge3._errors import Merge3Error
 from merge3.models import write_text_atomic
+from merge3.runs._lock import RunLock
 from merge3.search import latest
 
 EVALUATIONS = "evaluations.jsonl"
+_RECORD_KEYS = {"generation", "index", "genome", "plan", "scores", "objectives", "error", "items_evaluated"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -55,6 +59,8 @@ class Run:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._evaluations = None
+        self._lock: RunLock | None = None
+        self._made_runs_dir = False  # Run.create made the runs folder too (discard() then removes it if empty)
 
     # ---- creation and opening -------------------------------------------------------------------------------
     @classmethod
@@ -62,6 +68,10 @@ class Run:
         if not _SAFE_NAME.match(name):
             raise Merge3Error(f"run name '{name}' may only use letters, digits, '.', '_' and '-'")
         runs_dir = Path(runs_dir)
+        blocking = next((p for p in [runs_dir, *runs_dir.parents] if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise Merge3Error(f"--runs-dir '{runs_dir}': '{blocking}' is a file, not a folder")
+        made_runs_dir = not runs_dir.exists()
         runs_dir.mkdir(parents=True, exist_ok=True)
         path = runs_dir / name
         try:
@@ -70,6 +80,8 @@ class Run:
             raise Merge3Error(f"run '{path}' already exists: resume it with `merge3 resume {path}` "
                               "or choose another --name") from None
         run = cls(path)
+        run._made_runs_dir = made_runs_dir
+        run.lock()
         (path / "checkpoint").mkdir()
         write_text_atomic(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         run.write_meta(status="running", created=_now(), merge3_version=__version__, name=name)
@@ -78,9 +90,35 @@ class Run:
     @classmethod
     def open(cls, path: str | os.PathLike) -> Run:
         path = Path(path)
-        if not (path / "config.yaml").exists() or not (path / "run.json").exists():
+        if not path.is_dir() or not (path / "config.yaml").is_file() or not (path / "run.json").is_file():
             raise Merge3Error(f"'{path}' is not a merge3 run folder (no config.yaml/run.json)")
         return cls(path)
+
+    def lock(self) -> None:
+        """Become the run's one writer (``search`` and ``resume`` hold it until they end); an error if another
+        process is writing it. A lock left by a dead process is taken over."""
+        if self._lock is None:
+            self._lock = RunLock(self.path).acquire()
+            if self._lock.took_over:
+                gone = self._lock.took_over
+                self.log(f"took over the lock of pid {gone.get('pid')} on {gone.get('host')} (no longer running)")
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def discard(self) -> None:
+        """Remove a new run that recorded nothing (its name is free again), and the runs folder if it made it and
+        nothing else is in it."""
+        self.close()
+        self.unlock()
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._made_runs_dir:
+            try:
+                self.path.parent.rmdir()  # only if empty: another run may have arrived meanwhile
+            except OSError:
+                pass
 
     @staticmethod
     def default_name(space_name: str, seed: int) -> str:
@@ -90,11 +128,14 @@ class Run:
     # ---- metadata ------------------------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        config = _read_mapping(self.path / "config.yaml", yaml.safe_load, "a merge3 run config")
+        if "models" not in config or "bank" not in config:
+            raise Merge3Error(f"{self.path / 'config.yaml'}: not a merge3 run config (no models/bank)")
+        return config
 
     @property
     def meta(self) -> dict:
-        return json.loads((self.path / "run.json").read_text())
+        return _read_mapping(self.path / "run.json", json.loads, "a merge3 run.json (a JSON object)")
 
     def write_meta(self, **updates) -> None:
         meta = self.meta if (self.path / "run.json").exists() else {}
@@ -132,11 +173,17 @@ class Run:
         file = self.path / EVALUATIONS
         if not file.exists():
             return []
-        lines = file.read_text().splitlines(keepends=True)
+        try:
+            lines = file.read_text().splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError) as e:
+            raise Merge3Error(f"{file}: unreadable ({type(e).__name__})") from None
         records, good = [], []
         for n, line in enumerate(lines):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
+                if not _is_record(record):
+                    raise Merge3Error(f"{file}: line {n + 1} is not an evaluation record")
+                records.append(record)
                 good.append(line)
             except json.JSONDecodeError:
                 if n != len(lines) - 1:
@@ -160,7 +207,7 @@ class Run:
         path = self.path / "verified.json"
         if not path.exists():
             return {}
-        entries = json.loads(path.read_text())
+        entries = _read_mapping(path, json.loads, "a merge3 verified.json")
         for entry in entries.values():
             if "search" not in entry and "true" in entry:
                 entry.update(search=entry.pop("true"), search_mean=entry.pop("true_mean", None), test=None,
@@ -197,6 +244,26 @@ class Run:
         )
         self.log(f"finished: {len(result.records)} candidates, {result.items_evaluated} items evaluated "
                  f"(full-bank equivalent {result.full_bank_equivalent})")
+
+
+def _is_record(record) -> bool:
+    """An evaluation line as merge3 writes it: its keys, and the types that replay, ranking and export rely on."""
+    return (isinstance(record, dict) and _RECORD_KEYS <= set(record)
+            and all(type(record[k]) is int for k in ("generation", "index"))
+            and isinstance(record["genome"], dict) and isinstance(record["plan"], list)
+            and isinstance(record["scores"], dict) and isinstance(record["objectives"], list)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record["objectives"]))
+
+
+def _read_mapping(file: Path, parse, what: str) -> dict:
+    """A run file parsed (JSON or YAML) into a mapping, or one ``Merge3Error`` naming the file."""
+    try:
+        value = parse(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise Merge3Error(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(value, dict):
+        raise Merge3Error(f"{file}: not {what}")
+    return value
 
 
 def _now() -> str:

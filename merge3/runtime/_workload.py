@@ -21,13 +21,32 @@ from merge3._errors import Merge3Error
 from merge3.itembank import ItemBank, load_model_for, make_evaluator
 from merge3.methods import CandidateBuilder, align_to_universe, c2m3, layer_groups, mlp_spec, plans_from_choices
 from merge3.methods._params import layer_index
-from merge3.models import check_compatible, check_finite, load_state_dict, open_lazy, read_config
+from merge3.models import (
+    check_compatible,
+    check_finite,
+    check_same_tokenizer,
+    load_state_dict,
+    open_lazy,
+    read_config,
+)
 from merge3.runtime._result import CandidateResult, EvalRequest
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` → cuda when present, else cpu; any other name must be a device this machine has."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise Merge3Error(f"device '{name}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Merge3Error(f"device '{name}': CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise Merge3Error(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps"):
+        raise Merge3Error(f"device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
     return name
 
 
@@ -66,10 +85,28 @@ class MergeWorkloadFactory:
         reference = open_lazy(self.base or self.endpoints[0])
         others = [open_lazy(p) for p in self.endpoints]
         check_compatible(reference, others, names=self.endpoints, reference_name=self.base or self.endpoints[0])
+        check_same_tokenizer(self.base or self.endpoints[0], self.endpoints)
         float_keys = [k for k in reference if reference.dtype(k).is_floating_point]
         self.groups = layer_groups(float_keys, self.granularity)
         bank = ItemBank.load(self.bank)
         self.tasks, self.bank_items = bank.tasks, len(bank.search_indices)
+
+    def check_inputs(self) -> None:
+        """What a worker will need, checked on the driver before any run exists: the device, finite weights in every
+        input, a runnable model folder, and the bank's evaluator (heads, tokenizer; for classifier banks the base
+        answers one item per task, so a head or an input that does not fit the model fails here)."""
+        resolve_device(self.device)
+        for path in [self.base, *self.endpoints]:
+            if path is not None:
+                check_finite(open_lazy(path), path)
+        template = self.base or self.endpoints[0]
+        if read_config(template) is None:
+            raise Merge3Error(f"'{template}' has no config.json: the search needs a runnable model folder")
+        bank = ItemBank.load(self.bank, warn=False)
+        evaluator = make_evaluator(bank, device="cpu", tokenizer_from=template)
+        if bank.spec.evaluator.kind in ("classifier", "text_classifier"):  # small models: one item per task, for real
+            first = np.array([rows[0] for rows in bank.task_indices.values()])
+            evaluator(load_model_for(bank, template), first)
 
     @property
     def n_models(self) -> int:
@@ -78,8 +115,9 @@ class MergeWorkloadFactory:
     def load_inputs(self) -> dict[str, Any]:
         base = load_state_dict(self.base) if self.base else None
         endpoints = [load_state_dict(p) for p in self.endpoints]
-        for path, sd in zip(self.endpoints, endpoints):
-            check_finite(sd, path)
+        for path, sd in zip([self.base, *self.endpoints], [base, *endpoints]):
+            if sd is not None:
+                check_finite(sd, path)
         if "c2m3" in self.methods:
             # align once into the shared universe; candidates are then weighted averages of the aligned models
             spec = _mlp_spec_of(endpoints[0])

@@ -153,6 +153,9 @@ def build_digits_zoo(
     if cached is not None and not force:
         log(f"digits zoo: cached at {out} (seed {recipe.seed})")
         return cached
+    _check_replaceable(out, "zoo.json", "--out", "a zoo")
+    for bank in ("digits", "digits-upright"):
+        _check_replaceable(banks_dir / bank, "bank.yaml", "--banks-dir", "an item bank")
     started = time.perf_counter()
     x_tr, y_tr, x_te, y_te, test_index = load_split(recipe.seed)
     log(f"digits zoo: {len(x_tr)} training and {len(x_te)} held-out images, tasks {', '.join(recipe.tasks)}")
@@ -199,13 +202,27 @@ def build_digits_zoo(
     return _zoo_from_info(out, info)
 
 
+def _check_replaceable(path: Path, marker: str, option: str, what: str) -> None:
+    """A rebuild replaces the zoo or bank folders it made (``marker`` inside), never a file or another folder of the
+    user's: checked before any training, so a wrong path costs nothing."""
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
+        raise Merge3Error(f"{option}: '{path}' exists and is not {what} (no {marker}): refusing to replace it "
+                          "(choose another folder)")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise Merge3Error(f"{option}: '{blocking}' is a file, not a folder")
+
+
 def cached_info(out: Path, recipe: dict) -> dict | None:
     """The zoo.json of a zoo at ``out`` built with exactly ``recipe``, else None (so the caller rebuilds)."""
     info_file = out / "zoo.json"
     if not info_file.exists():
         return None
-    info = json.loads(info_file.read_text())
-    return info if info.get("recipe") == recipe else None
+    try:
+        info = json.loads(info_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # a damaged zoo.json: the zoo is rebuilt
+    return info if isinstance(info, dict) and info.get("recipe") == recipe else None
 
 
 def _cached(out: Path, recipe: DigitsRecipe) -> Zoo | None:
