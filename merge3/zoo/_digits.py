@@ -225,6 +225,34 @@ def cached_info(out: Path, recipe: dict) -> dict | None:
     return info if isinstance(info, dict) and info.get("recipe") == recipe else None
 
 
+@dataclass
+class FolderZoo:
+    """Paths and facts of a zoo of Hugging Face folders (MiniLM, SmolLM): ``base``, one fine-tune per task in
+    ``finetuned``, one item bank; ``info`` is its ``zoo.json``."""
+
+    path: Path
+    base: Path
+    finetuned: dict[str, Path]
+    bank: Path
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_info(cls, path: Path, info: dict) -> FolderZoo:
+        return cls(path=path, base=path / "base", finetuned={t: path / f"ft-{t}" for t in info["recipe"]["tasks"]},
+                   bank=Path(info["banks"]["tasks"]), info=info)
+
+
+def cached_folder_zoo(out: Path, recipe: dict) -> FolderZoo | None:
+    """The zoo at ``out`` if it was built with exactly ``recipe`` and its bank and model folders are all there."""
+    info = cached_info(out, recipe)
+    if info is None:
+        return None
+    zoo = FolderZoo.from_info(out, info)
+    folders = [zoo.base, *zoo.finetuned.values()]
+    present = (zoo.bank / "bank.yaml").exists() and all((f / "config.json").exists() for f in folders)
+    return zoo if present else None
+
+
 def _cached(out: Path, recipe: DigitsRecipe) -> Zoo | None:
     info = cached_info(out, recipe.as_dict())
     if info is None:

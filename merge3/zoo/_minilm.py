@@ -57,7 +57,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from merge3._errors import Merge3Error
-from merge3.zoo._digits import _head_bytes, cached_info
+from merge3.zoo._digits import FolderZoo, _head_bytes, cached_folder_zoo
 from merge3.itembank import BankSpec, ItemBank, TextClassifierEvaluator, load_tokenizer, write_bank
 from merge3.models import apply_task_vector, atomic_dir, load_model, save_model, state_dict_sha256, task_vectors
 
@@ -356,28 +356,7 @@ def finetune(
     return model.eval(), head.eval()
 
 
-@dataclass
-class MiniLMZoo:
-    """Paths and facts of a built MiniLM zoo (see ``zoo.json`` in its folder)."""
-
-    path: Path
-    base: Path
-    finetuned: dict[str, Path]
-    bank: Path
-    info: dict = field(default_factory=dict)
-
-
-def _zoo_from_info(path: Path, info: dict) -> MiniLMZoo:
-    return MiniLMZoo(path=path, base=path / "base", finetuned={t: path / f"ft-{t}" for t in info["recipe"]["tasks"]},
-                     bank=Path(info["banks"]["tasks"]), info=info)
-
-
-def _cached(out: Path, recipe: MiniLMRecipe) -> MiniLMZoo | None:
-    info = cached_info(out, recipe.as_dict())
-    if info is None:
-        return None
-    zoo = _zoo_from_info(out, info)
-    return zoo if (zoo.bank / "bank.yaml").exists() else None
+MiniLMZoo = FolderZoo  # the zoo's paths and facts (see zoo.json in its folder)
 
 
 def build_minilm_zoo(
@@ -398,7 +377,7 @@ def build_minilm_zoo(
     if unknown or not recipe.tasks:
         raise Merge3Error(f"unknown minilm task '{unknown[0] if unknown else ''}' (known: {', '.join(KNOWN_TASKS)})")
     out, banks_dir = Path(out), Path(banks_dir)
-    cached = _cached(out, recipe)
+    cached = cached_folder_zoo(out, recipe.as_dict())
     if cached is not None and not force:
         log(f"minilm zoo: cached at {out} (seed {recipe.seed})")
         return cached
@@ -452,13 +431,13 @@ def build_minilm_zoo(
             "articles": {"train": len(train_articles), "test": len(test_articles)},
             "texts": {t: {"train": len(train[t]), "test": len(test[t])} for t in recipe.tasks},
         }
-        info["accuracy"] = minilm_accuracy_table(_zoo_from_info(tmp, info), bank, recipe.lambdas, log=log)
+        info["accuracy"] = minilm_accuracy_table(FolderZoo.from_info(tmp, info), bank, recipe.lambdas, log=log)
         t0 = lap("accuracy table", t0)
         info["timings_seconds"] = timings
         info["build_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "zoo.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"minilm zoo: built in {time.perf_counter() - started:.0f} s at {out}")
-    return _zoo_from_info(out, info)
+    return FolderZoo.from_info(out, info)
 
 
 def _write_bank(
