@@ -31,7 +31,7 @@ TASKS = ["upright", "rot90", "inverted", "flipud", "permuted"]
 
 def tsv_components(deltas: torch.Tensor) -> torch.Tensor:
     """TSV-M's per-task parts of one 2-D key (T × m × n), exactly as merge3 builds them."""
-    from merge3.methods._inputs import tsv_factors
+    from merge3.methods import tsv_factors
 
     return tsv_factors(deltas).components(deltas.shape[0])
 

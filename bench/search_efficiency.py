@@ -138,7 +138,7 @@ def space(work: dict, strategy: str, seed: int) -> dict:
 
 def run_search(work: dict, strategy: str, seed: int, runs_dir: Path) -> dict:
     import merge3
-    from merge3._api import verify
+    from merge3 import verify
 
     started = time.perf_counter()
     shutil.rmtree(runs_dir / f"{strategy}-s{seed}", ignore_errors=True)  # bench scratch from an earlier run

@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import merge3
-    from merge3._api import verify
+    from merge3 import verify
     from merge3.runs import baselines, best_per_method
     from merge3.search import CalibrationSettings, calibrate_bank, load_space
     from merge3.zoo import build_smollm_zoo

@@ -53,7 +53,7 @@ class ClassifierEvaluator:
         self.bank, self.device, self.batch_size = bank, torch.device(device), spec.batch_size
         self.inputs = torch.tensor(np.stack(bank.items["input"].to_numpy()), dtype=torch.float32, device=self.device)
         self.answers = torch.tensor(bank.items["answer"].to_numpy().astype(np.int64), device=self.device)
-        self.heads = {t: _load_head_file(bank, t, f, self.device) for t, f in (spec.heads or {}).items()}
+        self.heads = {t: load_head_file(bank, t, f, self.device) for t, f in (spec.heads or {}).items()}
         missing = [t for t in bank.tasks if spec.heads is not None and t not in self.heads]
         if missing:
             raise Merge3Error(f"item bank '{bank.path}': evaluator.heads has no head for task '{missing[0]}'")
@@ -100,7 +100,8 @@ def _check_answers(bank: ItemBank, task: str, classes: int) -> None:
                           f"'{task}' has {classes} classes")
 
 
-def _load_head_file(bank: ItemBank, task: str, file: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def load_head_file(bank: ItemBank, task: str, file: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the linear head ``file`` (safetensors inside the bank) for ``task``, checked."""
     path = bank.resolve(file)
     if not path.exists():
         raise Merge3Error(f"item bank '{bank.path}': head file '{file}' for task '{task}' does not exist")
@@ -147,7 +148,7 @@ class TextClassifierEvaluator:
         missing = [t for t in bank.tasks if t not in spec.heads]
         if missing:
             raise Merge3Error(f"item bank '{bank.path}': evaluator.heads has no head for task '{missing[0]}'")
-        self.heads = {t: _load_head_file(bank, t, f, self.device) for t, f in spec.heads.items() if t in bank.tasks}
+        self.heads = {t: load_head_file(bank, t, f, self.device) for t, f in spec.heads.items() if t in bank.tasks}
         for task, (weight, _) in self.heads.items():
             _check_answers(bank, task, weight.shape[0])
         texts = [str(t) for t in bank.items["text"].to_numpy()]

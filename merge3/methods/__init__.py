@@ -8,7 +8,16 @@
 True
 """
 
-from merge3.methods._params import ROW_BLOCKS, LayerValue, has_row_blocks, is_row_blocks, layer_positions, mean_weight, resolve
+from merge3.methods._params import (
+    ROW_BLOCKS,
+    LayerValue,
+    has_row_blocks,
+    is_row_blocks,
+    layer_index,
+    layer_positions,
+    mean_weight,
+    resolve,
+)
 from merge3.methods._registry import (
     MERGES_REVISION,
     Bounds,
@@ -23,6 +32,7 @@ from merge3.methods._registry import (
 
 from merge3.methods._arithmetic import analogy, linear, task_arithmetic
 from merge3.methods._builder import CandidateBuilder
+from merge3.methods._inputs import TSVFactors, tsv_factors
 from merge3.methods._groups import GroupPlan, layer_groups, merge_groups, plans_from_choices
 from merge3.methods._mergekit_export import mergekit_config
 from merge3.methods._inspect import Inspection, inspect_models, write_heatmap, write_inspection
@@ -37,6 +47,7 @@ __all__ = [
     "C2M3Result",
     "CandidateBuilder",
     "GroupPlan",
+    "TSVFactors",
     "Inspection",
     "analogy",
     "dare",
@@ -63,7 +74,9 @@ __all__ = [
     "conv_bn_spec",
     "get_method",
     "infer_mlp_spec",
+    "layer_index",
     "layer_positions",
+    "tsv_factors",
     "mean_weight",
     "list_methods",
     "load_config",

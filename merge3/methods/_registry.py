@@ -110,6 +110,18 @@ class MergeMethod:
             out[name] = _check_value(self.name, spec, params[name], n_models)
         return out
 
+    def check_param(self, name: str, value: Any, n_models: int | None = None) -> Any:
+        """One parameter's value checked as a config's would be (a ``Merge3Error`` names method and parameter).
+
+        >>> from merge3.methods import get_method
+        >>> get_method("ties").check_param("density", 0.3)
+        0.3
+        """
+        spec = self.params.get(name)
+        if spec is None:
+            raise Merge3Error(f"{self.name}: unknown parameter '{name}' (accepted: {', '.join(self.params) or 'none'})")
+        return _check_value(self.name, spec, value, n_models)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the method with its parameters checked first, so a direct call fails as clearly as a config."""
         bound = inspect.signature(self.fn).bind(*args, **kwargs)

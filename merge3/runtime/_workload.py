@@ -19,8 +19,15 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.itembank import ItemBank, load_model_for, make_evaluator
-from merge3.methods import CandidateBuilder, align_to_universe, c2m3, layer_groups, mlp_spec, plans_from_choices
-from merge3.methods._params import layer_index
+from merge3.methods import (
+    CandidateBuilder,
+    align_to_universe,
+    c2m3,
+    layer_groups,
+    layer_index,
+    mlp_spec,
+    plans_from_choices,
+)
 from merge3.models import (
     check_compatible,
     check_finite,

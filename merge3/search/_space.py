@@ -155,7 +155,7 @@ class GenomeConfig(_Strict):
     def _fixed_fit_the_methods(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """A fixed value is one of a searched method's parameters, valid for it: a typo or an out-of-range value
         must not quietly change (or not change) every candidate."""
-        from merge3.methods._registry import _check_value, get_method
+        from merge3.methods import get_method
 
         methods = info.data.get("methods") or []
         for key, v in value.items():
@@ -166,7 +166,7 @@ class GenomeConfig(_Strict):
             if spec is None:
                 raise ValueError(f"'{key}': {method} has no parameter '{param}' "
                                  f"(accepted: {', '.join(get_method(method).params)})")
-            _check_value(method, spec, v, None)
+            get_method(method).check_param(param, v)
         return value
 
 

@@ -487,12 +487,11 @@ def _accuracy(evaluator: TextClassifierEvaluator, emb: torch.Tensor, heads: dict
 def minilm_accuracy_table(zoo: MiniLMZoo, bank: ItemBank, lambdas=(0.3, 0.5, 0.7, 1.0), log=print) -> dict:
     """Held-out accuracy per task of: the base with its linear probes, the base with the bank's (fine-tuned, frozen)
     heads, every fine-tune, and task arithmetic θ_base + λ Σ τ_t over ``lambdas`` (bank heads)."""
-    from merge3.itembank import make_evaluator
-    from merge3.itembank._evaluators import _load_head_file
+    from merge3.itembank import load_head_file, make_evaluator
 
     evaluator = make_evaluator(bank)
     assert isinstance(evaluator, TextClassifierEvaluator)
-    probe = {t: _load_head_file(bank, t, f"probe_heads/{t}.safetensors", torch.device("cpu")) for t in bank.tasks}
+    probe = {t: load_head_file(bank, t, f"probe_heads/{t}.safetensors", torch.device("cpu")) for t in bank.tasks}
     base = load_model(zoo.base, hf_class="AutoModel")
     emb = evaluator.embeddings(base)
     rows = {"base + probe heads": _accuracy(evaluator, emb, probe), "base": _accuracy(evaluator, emb, evaluator.heads)}
