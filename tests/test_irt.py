@@ -1,7 +1,6 @@
 """IRT calibration: parameter recovery on synthetic banks, determinism, D selection, persistence, bad input."""
 
 import json
-import time
 import warnings
 
 import numpy as np
@@ -135,12 +134,13 @@ def test_missing_answers_are_masked_not_propagated(bank1d):
     assert np.array_equal(m.b, m2.b)
 
 
-def test_print_fit_time_200_by_2000():
+def test_2pl_and_mirt_recover_the_items_of_a_200_by_2000_bank():
+    """Issue #4's size. How long the fits take is measured by bench/irt_fit_speed.py, not asserted here."""
     bank = simulate_bank(n_subjects=200, items_per_task=500, dims=3, seed=0)
     for kind, dims in (("2pl", 1), ("mirt", 3)):
-        t = time.perf_counter()
         m = fit_irt(bank.responses, kind=kind, dims=dims, seed=0)
-        print(f"\n{kind} D={dims} on 200 × 2000: {time.perf_counter() - t:.2f} s, {m.diagnostics['iterations']} iterations")
+        assert m.diagnostics["converged"], kind
+        assert corr(m.b, bank.b) > 0.95, kind
 
 
 # ------------------------------------------------------------------------------------------------------------

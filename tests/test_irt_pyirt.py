@@ -41,6 +41,6 @@ def test_estimator_calibration_with_the_pyirt_backend():
 
     bank = simulate_bank(n_subjects=60, items_per_task=40, tasks=("x", "y"), seed=1)
     est = Estimator.calibrate(bank.responses, bank.tasks, ns=(10,), kind="2pl", seed=0, backend="py-irt")
-    assert est.metadata["backend"] == "py-irt" and est.model.metadata.get("backend", "py-irt")
+    assert est.metadata["backend"] == "py-irt" and est.model.metadata["backend"] == "py-irt"
     answers = {i: bool(bank.responses[3, i]) for i in est.items(as_indices=True)}
     assert 0 <= est.estimate(answers, "gp-irt").overall <= 1

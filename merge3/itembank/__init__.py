@@ -51,8 +51,12 @@ from merge3.itembank._irt import (
 from merge3.itembank._adaptive import AdaptiveTest
 from merge3.itembank._online import ONLINE_ESTIMATORS, AnsweredEstimate, estimate_answered, naive_estimate, scaled_weight
 from merge3.itembank._subsets import SUBSET_METHODS, Subset, select_subset
+from merge3.itembank._synthetic_irt import SyntheticBank, simulate_bank, simulate_merges
 
 __all__ = [
+    "SyntheticBank",
+    "simulate_bank",
+    "simulate_merges",
     "ONLINE_ESTIMATORS",
     "AdaptiveTest",
     "AnsweredEstimate",

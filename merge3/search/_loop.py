@@ -185,7 +185,14 @@ class SearchResult:
 class Search:
     """One search: ``run()`` drives ``engine`` until it is done or the item budget is spent.
 
-    >>> # see tests/test_search.py for a run on a synthetic executor
+    >>> from merge3.runtime import LocalExecutor, SyntheticFactory
+    >>> from merge3.search import make_engine
+    >>> genome = Genome(["all"], ["task_arithmetic"], n_models=2, weight_range=(0.0, 1.5))
+    >>> engine = make_engine("pymoo", genome.variables, 1, 8, 3, 0)   # 1 objective, population 8, 3 generations
+    >>> executor = LocalExecutor(SyntheticFactory(["a", "b"], [0.8, 0.4]))
+    >>> result = Search(genome, engine, executor, Objectives(["mean"], ["a", "b"])).run()
+    >>> len(result.records), result.best()["objectives"][0] > 0.9
+    (24, True)
     """
 
     def __init__(self, genome: Genome, engine: Engine, executor: Executor, objectives: Objectives,
