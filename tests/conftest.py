@@ -36,6 +36,16 @@ def calibrated_zoo(digits_zoo):
     return digits_zoo
 
 
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """The folder of the tiny word-level GPT-2 that knows eight "x is a y" facts (tests/_tiny_lm.py), built once."""
+    from _tiny_lm import build_tiny_lm
+
+    folder = tmp_path_factory.mktemp("lm") / "tiny-gpt2"
+    build_tiny_lm(folder)
+    return folder
+
+
 @pytest.fixture
 def objective_module(tmp_path, monkeypatch):
     """A user's objective module, importable as ``my_objectives`` (its folder on sys.path, as PYTHONPATH would)."""

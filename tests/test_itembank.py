@@ -9,15 +9,6 @@ from merge3 import Merge3Error
 from merge3.itembank import BankSpec, ItemBank, make_evaluator, write_bank
 from merge3.models import load_model
 
-from _tiny_lm import build_tiny_lm
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lm") / "tiny-gpt2"
-    build_tiny_lm(folder)
-    return folder
-
 
 def classifier_bank(tmp_path, heads=True):
     items = pd.DataFrame({

@@ -24,7 +24,6 @@ from merge3.itembank import (
 from merge3.itembank._evaluators import generation_correct
 from merge3.models import load_model
 
-from _tiny_lm import build_tiny_lm
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no test split")  # most banks here are unsplit on purpose
@@ -33,11 +32,9 @@ TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_gener
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(folder, model, tokenizer) of the tiny word-level GPT-2 that knows eight "x is a y" facts."""
-    folder = tmp_path_factory.mktemp("lm") / "tiny-gpt2"
-    build_tiny_lm(folder)
-    return folder, load_model(folder, hf_class="AutoModelForCausalLM"), load_tokenizer(folder)
+def tiny(tiny_lm):
+    """(folder, model, tokenizer) of the session's tiny GPT-2 (conftest ``tiny_lm``)."""
+    return tiny_lm, load_model(tiny_lm, hf_class="AutoModelForCausalLM"), load_tokenizer(tiny_lm)
 
 
 @pytest.fixture(scope="module")
