@@ -143,6 +143,20 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
+def live_snapshot(root: Path) -> dict[str, str]:
+    """``snapshot`` of a folder another process is still writing: its in-flight temporaries (hidden names other than
+    ``.lock``, renamed into place a moment later) are left out, and a file that vanishes while it is read is skipped."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name.startswith(".") and p.name != ".lock":
+            continue
+        try:
+            out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def one_error(out: Out, rc: int = 2, *needles: str) -> str:
     """The exit status is ``rc``, stderr is exactly one ``error:`` line holding every needle, no traceback."""
     assert "Traceback" not in out.stderr + out.stdout, out.stderr
@@ -744,11 +758,11 @@ def test_two_writers_one_run(assets, runner, tmp_path):
                    {"PYTHONPATH": assets["mods"]})
     run = tmp_path / "runs" / "busy"
     wait_for_lines(run / "evaluations.jsonl", 4, first)
-    before = snapshot(run)
+    before = live_snapshot(run)
     second = runner(["resume", "runs/busy", "--quiet"], tmp_path, {"PYTHONPATH": assets["mods"]})
     assert first.poll() is None, "the first search ended before the second writer came"
     one_error(second, 2, "run 'runs/busy' is being written by", f"pid {first.pid}")
-    after = snapshot(run)
+    after = live_snapshot(run)
     assert set(after) >= set(before) and after[".lock"] == before[".lock"], "the second writer touched the lock"
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
