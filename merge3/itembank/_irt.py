@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from merge3._errors import Merge3Error
+from merge3.models import write_text_atomic
 
 LOGIT_CLIP = 30.0
 KINDS = ("1pl", "2pl", "mirt")
@@ -316,8 +318,10 @@ class IRTModel:
             "diagnostics": _jsonable(self.diagnostics),
             "metadata": _jsonable(self.metadata),
         }
-        _atomic_write(folder / "irt_params.npz", lambda f: np.savez(f, **arrays))
-        _atomic_write(folder / "irt.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_text_atomic(folder / "irt_params.npz", buffer.getvalue())
+        write_text_atomic(folder / "irt.json", json.dumps(meta, indent=1))
         return folder
 
     @classmethod
@@ -378,13 +382,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.bool_,)):
         return bool(x)
     return x
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

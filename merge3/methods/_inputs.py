@@ -18,7 +18,6 @@ import torch
 
 from merge3._errors import Merge3Error
 
-StateDict = dict[str, torch.Tensor]
 
 # TSV treats 2-D weights as matrices, except CLIP's text_projection (the official code skips it)
 _TSV_SKIP = "text_projection"

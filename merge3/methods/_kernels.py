@@ -17,8 +17,8 @@ from merge3._errors import Merge3Error
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._params import has_row_blocks, is_row_blocks, resolve, row_weights
 from merge3.methods._registry import MergeMethod, get_method
+from merge3.methods._registry import StateDict
 
-StateDict = dict[str, torch.Tensor]
 
 
 class Sink:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from merge3._errors import Merge3Error
+from merge3.methods._registry import StateDict
 
-StateDict = dict[str, torch.Tensor]
 Perms = dict[str, torch.Tensor]
 
 

@@ -29,12 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from merge3._errors import Merge3Error
 from merge3.methods._params import is_layer_value, is_row_blocks, scalars_in
+from merge3.models import StateDict
 
-StateDict = dict[str, torch.Tensor]
 _INPUTS = ("base", "models")
 
 # Bump when a merge method's output changes for the same inputs, so that scores cached from merges (baselines,

@@ -9,6 +9,7 @@
 from merge3.models._arch import MLP, build_model, load_model, read_config, save_model
 from merge3.models._io import (
     LazyStateDict,
+    StateDict,
     atomic_dir,
     copy_model_files,
     file_sha256,
@@ -34,6 +35,7 @@ from merge3.models._task_vectors import (
 __all__ = [
     "MLP",
     "LazyStateDict",
+    "StateDict",
     "apply_task_vector",
     "atomic_dir",
     "build_model",

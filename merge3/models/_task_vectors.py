@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from merge3._errors import Merge3Error
+from merge3.models._io import StateDict
 
-StateDict = dict[str, torch.Tensor]
 _VOCAB_KEY = re.compile(r"(embed|wte|word_embeddings|lm_head|shared|output\.weight)", re.IGNORECASE)
 
 

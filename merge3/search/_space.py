@@ -11,8 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from merge3._errors import Merge3Error, validation_message
+from merge3.itembank import ONLINE_ESTIMATORS
 
-ESTIMATORS = ("full", "naive", "irt", "p-irt", "gp-irt", "mp-irt", "gmp-irt", "cv-irt")
+ESTIMATORS = ("full", *ONLINE_ESTIMATORS)  # "full": every search item, no estimator
 GRANULARITIES = ("layer", "block", "attn_mlp", "model")
 
 
