@@ -152,6 +152,7 @@ def test_calibration_is_reproducible(bank):
     assert np.array_equal(a.subsets[("anchor-irt", 10)].indices, b.subsets[("anchor-irt", 10)].indices)
     assert a.constants == b.constants
     assert a.model.metadata["validation_subjects"] == b.model.metadata["validation_subjects"]
+    assert a.metadata["backend"] == a.model.metadata["backend"] == "torch"  # the model says what fitted it
 
 
 def test_save_load_gives_identical_estimates(tmp_path, bank, estimator):

@@ -172,7 +172,7 @@ class Estimator:
             D = 1 if kind != "mirt" else int(dims)
             _check_enough_subjects(train.size, D)
             fit = _fit_map(Y[train], M[train], D=D, **fit_kw)
-        meta = {**fit_kw, "dims": dims, "n_subjects": S, "train_subjects": [subj[i] for i in train],
+        meta = {**fit_kw, "backend": backend, "dims": dims, "n_subjects": S, "train_subjects": [subj[i] for i in train],
                 "validation_subjects": [subj[i] for i in val], "validation_fraction": validation_fraction}
         model = _to_model(fit, kind, ids, labels, [subj[i] for i in train], meta)
         pos = {int(s): k for k, s in enumerate(train)}
