@@ -20,6 +20,7 @@ from merge3.models._io import (
     save_state_dict,
     state_dict_sha256,
     weight_files,
+    file_in_the_way,
     write_text_atomic,
 )
 from merge3.models._tokenizers import check_same_tokenizer
@@ -57,5 +58,6 @@ __all__ = [
     "task_vector",
     "task_vectors",
     "weight_files",
+    "file_in_the_way",
     "write_text_atomic",
 ]

@@ -259,13 +259,24 @@ class atomic_dir:
             self.tmp.rename(self.path)
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file at ``folder`` or at one of its ancestors that keeps ``folder`` from being (made) a folder, else None.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "f"
+    >>> _ = f.write_text("x")
+    >>> file_in_the_way(f / "a" / "b") == f, file_in_the_way(f.parent / "new")
+    (True, None)
+    """
+    folder = Path(folder)
+    return next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+
+
 def _check_parent(path: Path) -> None:
     """An output whose parent (or an ancestor) is a file cannot be made: say which one."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise Merge3Error(f"output '{path}': '{parent}' is a file, not a folder")
-            return
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        raise Merge3Error(f"output '{path}': '{blocking}' is a file, not a folder")
 
 
 def _umask() -> int:

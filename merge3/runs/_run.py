@@ -30,7 +30,7 @@ import yaml
 
 from merge3 import __version__
 from merge3._errors import Merge3Error
-from merge3.models import write_text_atomic
+from merge3.models import file_in_the_way, write_text_atomic
 from merge3.runs._lock import RunLock
 from merge3.search import latest
 
@@ -68,7 +68,7 @@ class Run:
         if not _SAFE_NAME.match(name):
             raise Merge3Error(f"run name '{name}' may only use letters, digits, '.', '_' and '-'")
         runs_dir = Path(runs_dir)
-        blocking = next((p for p in [runs_dir, *runs_dir.parents] if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(runs_dir)
         if blocking is not None:
             raise Merge3Error(f"--runs-dir '{runs_dir}': '{blocking}' is a file, not a folder")
         made_runs_dir = not runs_dir.exists()

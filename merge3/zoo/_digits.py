@@ -27,7 +27,7 @@ from torch import nn
 
 from merge3._errors import Merge3Error
 from merge3.itembank import BankSpec, ItemBank, make_evaluator, write_bank
-from merge3.models import MLP, atomic_dir, load_model, save_model, state_dict_sha256
+from merge3.models import MLP, atomic_dir, file_in_the_way, load_model, save_model, state_dict_sha256
 
 RECIPE_VERSION = 2  # 2: banks with a search/test split
 TASKS = ("upright", "rot90", "inverted", "flipud", "permuted")
@@ -208,7 +208,7 @@ def _check_replaceable(path: Path, marker: str, option: str, what: str) -> None:
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
         raise Merge3Error(f"{option}: '{path}' exists and is not {what} (no {marker}): refusing to replace it "
                           "(choose another folder)")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(path.parent)
     if blocking is not None:
         raise Merge3Error(f"{option}: '{blocking}' is a file, not a folder")
 
