@@ -331,8 +331,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     from merge3 import __version__
     import yaml
 
-    from merge3.methods import layer_groups, merge_groups, plans_from_choices
-    from merge3.methods import mergekit_config
+    from merge3.methods import layer_groups, merge_groups, mergekit_config, plans_from_choices
     from merge3.models import check_finite, file_sha256, load_state_dict, save_state_dict, weight_files
 
     run = Run.open(run_dir)

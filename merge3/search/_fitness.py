@@ -110,7 +110,7 @@ class CheapFitness:
         self.weighted = fitness.sampling == "uncertainty"
         self._designs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._thetas: dict[int, list[np.ndarray]] = {}
-        extras = [f"{self.items_mode} items" + (" (uncertainty-weighted)" if fitness.sampling == "uncertainty" else "")]
+        extras = [f"{self.items_mode} items" + (" (uncertainty-weighted)" if self.weighted else "")]
         if self.promotion is not None:
             extras.append(f"promotion top {self.promotion.top_k} ×{self.promotion.factor:g}, {self.final_rung} rung(s)")
         if fitness.grow > 1:
@@ -210,12 +210,12 @@ class CheapFitness:
         local = self._local(rows)
         inclusion = None
         if self.weighted:  # every item answered: its probability of being drawn in any phase of this candidate
-            first = self._design(generation)[1]
+            drawn, first = self._design(generation)
             inclusion = first.copy()
             if previous is not None:
                 for t in self.bank.tasks:  # later phases draw uniformly from the task's unanswered items
                     in_t = self.tasks[local] == t
-                    n0 = int(np.isin(local[in_t], self._design(generation)[0]).sum())
+                    n0 = int(np.isin(local[in_t], drawn).sum())
                     extra = int(in_t.sum()) - n0
                     pool = self.tasks == t
                     uniform = extra / max(int(pool.sum()) - n0, 1)
