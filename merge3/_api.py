@@ -98,6 +98,7 @@ def validate(space: SearchSpace, objectives: Sequence[ObjectiveSpec], factory=No
         ranges={k: (v.low, v.high) for k, v in space.genome.params.items()},
         fixed=space.genome.fixed,
         row_blocks=space.genome.row_blocks,
+        per_model=space.genome.per_model,
     )
     return _Plan(factory, obj, genome, fitness)
 
@@ -331,7 +332,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     from merge3 import __version__
     import yaml
 
-    from merge3.methods import layer_groups, merge_groups, mergekit_config, plans_from_choices
+    from merge3.methods import get_method, layer_groups, merge_groups, mergekit_config, plans_from_choices
     from merge3.models import check_finite, file_sha256, load_state_dict, save_state_dict, weight_files
 
     run = Run.open(run_dir)
@@ -369,8 +370,9 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     manifest["mergekit_yaml"] = "mergekit.yaml" if mergekit else f"none: {why_not}"
     extra = {}
     if mergekit:
-        note = ("# DARE draws its drops from mergekit's own RNG: same distribution, different masks.\n"
-                if mergekit["merge_method"].startswith("dare") else "")
+        random = any("seed" in get_method(choice["method"]).params for choice in record["plan"])
+        note = ("# mergekit draws random masks from its own RNG: same distribution, different masks.\n"
+                if random else "")
         extra["mergekit.yaml"] = (f"# This merge as a mergekit config: mergekit-yaml mergekit.yaml OUT (or merge3 merge "
                                   f"mergekit.yaml --out OUT).\n{note}" + yaml.safe_dump(mergekit, sort_keys=False))
     methods = ", ".join(f"{g['group']}: {g['method']}" for g in record["plan"])

@@ -10,7 +10,7 @@ import torch
 import merge3.methods as mm
 from merge3 import Merge3Error
 from merge3.methods import GroupPlan
-from merge3.methods._inputs import tsv_factors
+from merge3.methods import tsv_factors
 
 
 def _tiny_gpt2(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -124,6 +124,109 @@ def test_dare_mask_statistics_match_mergekit():
         assert abs(kept.float().mean().item() - 0.7) < 0.005
         assert abs((merged[kept] / delta[kept]).mean().item() - 1 / 0.7) < 0.02
     assert torch.allclose(ours[ours != 0], delta[ours != 0] / 0.7)  # ours rescales exactly by 1/(1-p)
+
+
+def _mergekit_per_key(method: str, base, models, draws=None, **params):
+    """mergekit's merge of one tensor at a time, so that a random mask (torch.bernoulli of the keep probabilities)
+    can be replaced by merge3's own draws for that tensor: ``draws(key, task)`` → uniforms, mask = u < p."""
+    merge_state_dicts = pytest.importorskip("mergekit.merge_methods").merge_state_dicts
+    out = {}
+    for key, value in base.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        calls = iter(range(len(models)))
+        real_bernoulli = torch.bernoulli
+
+        def bernoulli(probs, *args, key=key, calls=calls, **kwargs):
+            if draws is None:
+                return real_bernoulli(probs, *args, **kwargs)
+            return (draws(key, next(calls)).reshape(probs.shape) < probs).to(probs.dtype)
+
+        per_model = {k: v for k, v in params.items() if k in ("weight", "density", "gamma", "epsilon")}
+        shared = {k: v for k, v in params.items() if k not in per_model}
+        parameters = {k: {f"m{i}": x for i, x in enumerate(v)} for k, v in per_model.items()} | shared
+        inputs = {"base": {key: value}, **{f"m{i}": {key: m[key]} for i, m in enumerate(models)}}
+        torch.bernoulli = bernoulli
+        try:
+            out[key] = merge_state_dicts(inputs, method, base="base", parameters=parameters)[key]
+        finally:
+            torch.bernoulli = real_bernoulli
+    return out
+
+
+def _merge3_draws(base, models, seed):
+    inputs = mm.MergeInputs(base, models)
+    from merge3.methods._sparsify import uniforms  # the test replays merge3's own draws inside mergekit
+
+    return lambda key, task: uniforms(inputs, key, seed)[task]
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_ties_per_model_densities_match_mergekit(gpt2_models, density):
+    base, models = gpt2_models
+    densities = [density, 0.3, 1.0]
+    ours = mm.ties(base, models, density=0.5, densities=densities, weights=[1.0, 0.7, 0.4], scale=0.9)
+    theirs = _mergekit("ties", base, models, weight=[1.0, 0.7, 0.4], density=densities, **{"lambda": 0.9})
+    _close(ours, theirs)
+    shared = mm.ties(base, models, density=0.3, weights=[1.0, 0.7, 0.4])
+    _close(mm.ties(base, models, densities=[0.3] * 3, weights=[1.0, 0.7, 0.4]), shared)
+
+
+@pytest.mark.parametrize("combine,name", [("linear", "breadcrumbs"), ("ties", "breadcrumbs_ties")])
+def test_breadcrumbs_matches_mergekit(gpt2_models, combine, name):
+    base, models = gpt2_models
+    weights, densities = [1.0, 0.6, 0.8], [0.7, 0.9, 0.5]
+    ours = mm.breadcrumbs(base, models, density=0.7, densities=densities, gamma=0.05, weights=weights, scale=1.2,
+                          combine=combine)
+    theirs = _mergekit_per_key(name, base, models, weight=weights, density=densities, gamma=[0.05] * 3,
+                               **{"lambda": 1.2})
+    _close(ours, theirs)
+    rescaled = mm.breadcrumbs(base, models, density=0.8, gamma=0.02, combine=combine, normalize=True, rescale=True)
+    _close(rescaled, _mergekit_per_key(name, base, models, weight=[1.0] * 3, density=[0.8] * 3, gamma=[0.02] * 3,
+                                       normalize=True, rescale=True), atol=2e-6)
+
+
+@pytest.mark.parametrize("combine,name", [("ties", "della"), ("linear", "della_linear")])
+def test_della_matches_mergekit_with_the_same_draws(gpt2_models, combine, name):
+    """mergekit draws DELLA's masks with torch.bernoulli; given merge3's draws instead, the merges agree exactly,
+    so the keep probabilities, the L1 rescale, the sign election and the normalisation are all mergekit's."""
+    base, models = gpt2_models
+    weights, densities = [1.0, 0.5, 0.8], [0.4, 0.6, 0.5]
+    ours = mm.della(base, models, density=0.5, densities=densities, epsilon=0.1, weights=weights, scale=1.1,
+                    combine=combine, seed=4)
+    theirs = _mergekit_per_key(name, base, models, draws=_merge3_draws(base, models, 4), weight=weights,
+                               density=densities, epsilon=[0.1] * 3, **{"lambda": 1.1})
+    _close(ours, theirs, atol=2e-6)
+    plain = mm.della(base, models, density=0.3, epsilon=0.2, combine=combine, normalize=False, rescale=False, seed=1)
+    _close(plain, _mergekit_per_key(name, base, models, draws=_merge3_draws(base, models, 1), weight=[1.0] * 3,
+                                    density=[0.3] * 3, epsilon=[0.2] * 3, normalize=False, rescale=False), atol=2e-6)
+
+
+def test_della_keeps_large_entries_more_often_and_is_seeded():
+    base = {"w": torch.zeros(50, 400)}
+    tau = {"w": torch.randn(50, 400, generator=torch.Generator().manual_seed(0))}
+    merged = mm.della(base, [tau], density=0.5, epsilon=0.3, rescale=False, seed=2)["w"]
+    kept = merged != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.01
+    order = tau["w"].abs().argsort(dim=1)
+    smallest, largest = kept.gather(1, order[:, :40]).float().mean(), kept.gather(1, order[:, -40:]).float().mean()
+    assert smallest < 0.25 < 0.75 < largest  # p ≈ 0.2 … 0.8 across the ranks
+    assert torch.equal(merged, mm.della(base, [tau], density=0.5, epsilon=0.3, rescale=False, seed=2)["w"])
+    assert not torch.equal(merged, mm.della(base, [tau], density=0.5, epsilon=0.3, rescale=False, seed=3)["w"])
+    with pytest.raises(Merge3Error, match=r"della: density ± epsilon must lie inside \(0, 1\)"):
+        mm.della(base, [tau], density=0.9, epsilon=0.2)
+
+
+def test_dare_per_model_drop_rates_drop_each_model_at_its_own_rate():
+    base = {"w": torch.zeros(100_000)}
+    ones = [{"w": torch.ones(100_000)}, {"w": 2 * torch.ones(100_000)}]
+    merged = mm.dare(base, ones, drop_rate=0.5, drop_rates=[0.2, 0.8], weights=[1.0, 0.0], seed=1)["w"]
+    assert abs((merged == 0).float().mean().item() - 0.2) < 0.01 and merged.max().item() == pytest.approx(1 / 0.8)
+    other = mm.dare(base, ones, drop_rate=0.5, drop_rates=[0.2, 0.8], weights=[0.0, 1.0], seed=1)["w"]
+    assert abs((other == 0).float().mean().item() - 0.8) < 0.01 and other.max().item() == pytest.approx(2 / 0.2)
+    same = mm.dare(base, ones, drop_rate=0.4, seed=1)["w"]
+    assert torch.equal(same, mm.dare(base, ones, drop_rate=0.9, drop_rates=[0.4, 0.4], seed=1)["w"])
 
 
 # --- the official algorithms, re-derived in numpy from reference.md -------------------------------------------------
@@ -379,6 +482,14 @@ def _builder_plans(groups):
          GroupPlan("rest", ["*"], "task_arithmetic", {"scale": {"ln": 0.1, "*": 0.8}, "weights": [1.0, -0.5, 0.5]})],
         [GroupPlan("all", ["*"], "linear", {"weights": [0.2, 0.3, 0.5]})],
         [GroupPlan("all", ["*"], "ties", {"density": 0.35, "trim": "model", "normalize": False})],
+        [GroupPlan(names[1], groups[names[1]], "della", {"density": 0.5, "epsilon": 0.1, "densities": [0.3, 0.5, 0.7],
+                                                          "weights": [1.0, 0.6, 0.9], "seed": 2}),
+         GroupPlan(names[2], groups[names[2]], "della", {"density": 0.4, "combine": "linear", "rescale": False}),
+         GroupPlan("rest", ["*"], "breadcrumbs", {"density": 0.8, "gamma": 0.05, "densities": [0.9, 0.7, 0.8],
+                                                  "combine": "ties", "rescale": True})],
+        [GroupPlan("all", ["*"], "ties", {"densities": [0.2, 0.9, 0.5], "trim": "model"})],
+        [GroupPlan(names[1], groups[names[1]], "ties", {"density": 0.5, "densities": [0.2, 1.0, 0.0]}),
+         GroupPlan("rest", ["*"], "dare", {"drop_rate": 0.5, "drop_rates": [0.1, 0.6, 0.0], "combine": "ties"})],
     ]
 
 
@@ -457,6 +568,8 @@ _ROW_BLOCK_METHODS = [
     ("dare", {"drop_rate": 0.3, "combine": "ties", "density": 0.6}),
     ("tsv_merge", {"alpha": 1.2}),
     ("linear", {}),
+    ("della", {"density": 0.5, "epsilon": 0.1, "seed": 2}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05, "combine": "ties"}),
 ]
 
 

@@ -88,6 +88,36 @@ models:
     parameters: {weight: 0.6, density: 1.0}
 dtype: float32
 """,
+    "ties_per_model_density": """merge_method: ties
+base_model: ROOT/base
+models:
+  - model: ROOT/m1
+    parameters: {weight: 1.0, density: [0.2, 0.6]}
+  - model: ROOT/m2
+    parameters: {weight: 0.8, density: 0.7}
+parameters: {lambda: 0.9}
+dtype: float32
+""",
+    "breadcrumbs_ties": """merge_method: breadcrumbs_ties
+base_model: ROOT/base
+models:
+  - model: ROOT/m1
+    parameters: {weight: 1.0, density: 0.8, gamma: 0.05}
+  - model: ROOT/m2
+    parameters: {weight: 0.6, density: 0.6, gamma: 0.05}
+parameters: {lambda: 1.1, normalize: true}
+dtype: float32
+""",
+    "breadcrumbs": """merge_method: breadcrumbs
+base_model: ROOT/base
+models:
+  - model: ROOT/m1
+    parameters: {weight: 0.7, density: 0.9}
+  - model: ROOT/m2
+    parameters: {weight: 0.5, density: 0.9}
+parameters: {rescale: true}
+dtype: float32
+""",
     "linear": """merge_method: linear
 models:
   - model: ROOT/m1
@@ -176,8 +206,8 @@ def test_refuses_a_non_empty_output_and_leaves_nothing_on_failure(hf_models, tmp
     ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: m1\n", r"'slerp' is not supported"),
     ("merge_method: ties\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 1.5}}\n",
      r"field 'parameters': ties: parameter 'density' = 1.5 is out of range"),
-    ("merge_method: ties\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 0.5}}\n"
-     "  - {model: m2, parameters: {density: 0.7}}\n", r"takes one density for all models"),
+    ("merge_method: tsv_merge\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 0.5}}\n",
+     r"field 'models.0.parameters.density': tsv_merge takes weight per model"),
     ("merge_method: ties\nbase_model: base\nmodels:\n  - {model: m1, parameters: {gamma: 1}}\n",
      r"field 'models.0.parameters.gamma'"),
     ("merge_method: ties\nbase_model: base\nmodels: []\n", r"field 'models'"),
@@ -187,6 +217,12 @@ def test_refuses_a_non_empty_output_and_leaves_nothing_on_failure(hf_models, tmp
      r"field 'base_model': 'nowhere' does not exist"),
     ("merge_method: dare_linear\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 0.0}}\n",
      r"'drop_rate' = 1.0 is out of range"),
+    ("merge_method: breadcrumbs\nbase_model: base\nmodels:\n  - {model: m1, parameters: {gamma: 0.1}}\n"
+     "  - {model: m2, parameters: {gamma: 0.2}}\n", r"models\[\*\].parameters.gamma: merge3's breadcrumbs takes one gamma"),
+    ("merge_method: della\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 0.9, epsilon: 0.2}}\n",
+     r"della: density ± epsilon must lie inside \(0, 1\)"),
+    ("merge_method: ties\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 0.5}}\n"
+     "  - {model: m2, parameters: {density: 1.2}}\n", r"ties: parameter 'densities' = 1.2 is out of range"),
 ])
 def test_config_errors_name_the_field(hf_models, tmp_path, text, message):
     config = _write(hf_models, "err.yaml", text)
@@ -256,11 +292,16 @@ GROUP_PLANS = {
     "task_arithmetic": lambda g: {"weights": [0.2 + 0.3 * g, 1.0 - 0.2 * g], "scale": 0.9},
     "ties": lambda g: {"weights": [1.0, 0.5 + 0.2 * g], "density": 0.3 + 0.1 * g, "scale": 0.8 + 0.3 * g},
     "dare": lambda g: {"weights": [0.7 - 0.1 * g, 0.4], "drop_rate": 0.0},
+    "ties per model": lambda g: {"weights": [1.0, 0.6], "densities": [0.3 + 0.1 * g, 0.8 - 0.1 * g], "scale": 1.1},
+    "breadcrumbs": lambda g: {"weights": [0.9, 0.3 + 0.2 * g], "density": 0.9 - 0.1 * g, "gamma": 0.02,
+                              "scale": 0.8},
+    "breadcrumbs ties": lambda g: {"weights": [0.9, 0.5], "densities": [0.8, 0.6 + 0.1 * g], "combine": "ties",
+                                   "normalize": True, "scale": 1.0 + 0.2 * g},
 }
 
 
-@pytest.mark.parametrize("method", list(GROUP_PLANS))
-def test_exported_mergekit_yaml_reproduces_a_per_group_plan(hf_models, tmp_path, method):
+@pytest.mark.parametrize("label", list(GROUP_PLANS))
+def test_exported_mergekit_yaml_reproduces_a_per_group_plan(hf_models, tmp_path, label):
     """Different values per layer group become mergekit filter lists; mergekit-yaml and merge3 merge both rebuild
     exactly what merge_groups built."""
     import yaml
@@ -268,7 +309,8 @@ def test_exported_mergekit_yaml_reproduces_a_per_group_plan(hf_models, tmp_path,
     base = load_state_dict(hf_models / "base")
     models = [load_state_dict(hf_models / m) for m in ("m1", "m2")]
     groups = mm.layer_groups(base)
-    plan = [{"group": name, "method": method, "params": GROUP_PLANS[method](g)} for g, name in enumerate(groups)]
+    method = label.split()[0]
+    plan = [{"group": name, "method": method, "params": GROUP_PLANS[label](g)} for g, name in enumerate(groups)]
     expected = mm.merge_groups(base, models, mm.plans_from_choices(groups, plan))
     config, why_not = mm.mergekit_config(plan, groups, str(hf_models / "base"),
                                          [str(hf_models / "m1"), str(hf_models / "m2")], "float32")

@@ -246,8 +246,33 @@ def test_row_block_genome_decodes_to_row_block_weights():
                      "genome": {"row_blocks": 0}}, "s.yaml")
 
 
+def test_per_model_genome_evolves_one_density_per_endpoint_and_exports_them():
+    from merge3.methods import mergekit_config
+
+    genome = Genome(["l.0", "l.1"], ["ties", "breadcrumbs"], n_models=3, per_model=["ties.densities"])
+    assert {"l.0|ties.densities.0", "l.0|ties.densities.2"} <= set(genome.variables)
+    assert "l.0|ties.density" not in genome.variables and "l.0|breadcrumbs.density" in genome.variables
+    assert (genome.variables["l.1|ties.densities.1"].low, genome.variables["l.1|ties.densities.1"].high) == (0.05, 1.0)
+    values = {**genome.midpoint(), "l.0|method": "ties", "l.1|method": "ties",
+              "l.0|ties.densities.0": 0.2, "l.0|ties.densities.1": 0.5, "l.0|ties.densities.2": 0.9}
+    plan = [c.as_dict() for c in genome.decode(values)]
+    assert plan[0]["params"]["densities"] == [0.2, 0.5, 0.9] and "density" not in plan[0]["params"]
+    config, why_not = mergekit_config(plan, {"l.0": ["l.0.w"], "l.1": ["l.1.w"]}, "base", ["a", "b", "c"])
+    assert why_not == ""
+    assert [m["parameters"]["density"][0] for m in config["models"]] == [
+        {"filter": "l.0.w", "value": v} for v in (0.2, 0.5, 0.9)]
+    with pytest.raises(Merge3Error, match=r"genome.per_model: 'ties.density' is not a per-model parameter .*"
+                                          r"options: ties.densities, breadcrumbs.densities"):
+        Genome(["l.0"], ["ties", "breadcrumbs"], n_models=2, per_model=["ties.density"])
+    with pytest.raises(Merge3Error, match="genome.per_model: 'dare.drop_rates'"):
+        Genome(["l.0"], ["ties"], n_models=2, per_model=["dare.drop_rates"])
+    assert parse_space({"name": "x", "models": {"endpoints": ["a"]}, "bank": {"path": "b"},
+                        "genome": {"methods": ["dare"], "per_model": ["dare.drop_rates"]}},
+                       "s.yaml").genome.per_model == ["dare.drop_rates"]
+
+
 def test_mergekit_export_refuses_row_block_weights():
-    from merge3.methods._mergekit_export import mergekit_config
+    from merge3.methods import mergekit_config
 
     plan = [{"group": "l.0", "method": "task_arithmetic", "params": {"weights": [{"row_blocks": [0.5, 1.0]}] * 2}}]
     config, reason = mergekit_config(plan, {"l.0": ["l.0.w"]}, "base", ["a", "b"])

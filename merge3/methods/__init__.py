@@ -21,6 +21,7 @@ from merge3.methods._params import (
 from merge3.methods._registry import (
     MERGES_REVISION,
     Bounds,
+    Kernel,
     MergeMethod,
     PerModel,
     StateDict,
@@ -32,12 +33,14 @@ from merge3.methods._registry import (
 
 from merge3.methods._arithmetic import analogy, linear, task_arithmetic
 from merge3.methods._builder import CandidateBuilder
-from merge3.methods._inputs import TSVFactors, tsv_factors
+from merge3.methods._inputs import MergeInputs
 from merge3.methods._groups import GroupPlan, layer_groups, merge_groups, plans_from_choices
-from merge3.methods._mergekit_export import mergekit_config
+from merge3.methods._mergekit import MergekitForm, mergekit_config, mergekit_methods
 from merge3.methods._inspect import Inspection, inspect_models, write_heatmap, write_inspection
-from merge3.methods._tsv import singular_task_interference, tsv_compress, tsv_merge
+from merge3.methods._tsv import TSVFactors, singular_task_interference, tsv_compress, tsv_factors, tsv_merge
 from merge3.methods._ties_dare import dare, ties
+from merge3.methods._breadcrumbs import breadcrumbs
+from merge3.methods._della import della
 from merge3.methods._yaml_merge import load_config, merge_from_config
 
 __all__ = [
@@ -47,10 +50,15 @@ __all__ = [
     "C2M3Result",
     "CandidateBuilder",
     "GroupPlan",
+    "Kernel",
+    "MergeInputs",
+    "MergekitForm",
     "TSVFactors",
     "Inspection",
     "analogy",
+    "breadcrumbs",
     "dare",
+    "della",
     "has_row_blocks",
     "inspect_models",
     "is_row_blocks",
@@ -68,6 +76,7 @@ __all__ = [
     "PerModel",
     "PermutationSpec",
     "StateDict",
+    "align_endpoints",
     "align_to_universe",
     "apply_permutations",
     "c2m3",
@@ -82,6 +91,7 @@ __all__ = [
     "load_config",
     "merge_from_config",
     "mergekit_config",
+    "mergekit_methods",
     "merge_method",
     "mlp_spec",
     "rebasin_average",
@@ -94,4 +104,4 @@ __all__ = [
     "write_inspection",
 ]
 
-from merge3.methods._c2m3 import C2M3Result, PermutationSpec, align_to_universe, apply_permutations, c2m3, conv_bn_spec, infer_mlp_spec, mlp_spec, rebasin_average, relative_permutation, reset_bn_stats, weight_matching  # noqa: E402,E501
+from merge3.methods._c2m3 import C2M3Result, PermutationSpec, align_endpoints, align_to_universe, apply_permutations, c2m3, conv_bn_spec, infer_mlp_spec, mlp_spec, rebasin_average, relative_permutation, reset_bn_stats, weight_matching  # noqa: E402,E501

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import torch
 
 from merge3.methods._inputs import MergeInputs
-from merge3.methods._kernels import kernel, merge_state_dicts
+from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
-from merge3.methods._registry import Bounds, PerModel, StateDict, merge_method
+from merge3.methods._registry import Bounds, Kernel, PerModel, StateDict, merge_method
 
 Weights = Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(-10.0, 10.0, search=(0.0, 1.5)))]
 Scale = Annotated[LayerValue, Bounds(-10.0, 10.0, search=(0.0, 2.0))]
@@ -39,7 +39,16 @@ def safe_divisor(total: float | torch.Tensor) -> float | torch.Tensor:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-@merge_method
+def _task_arithmetic_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
+    factor = p["scale"] / (safe_divisor(sum(p["weights"])) if p["normalize"] else 1.0)
+    add_weighted(out, inputs.anchor32(key), inputs.deltas(key), [factor * w for w in p["weights"]])
+
+
+@merge_method(
+    kernel=Kernel(_task_arithmetic_key), label="TA", redundant=["scale"],
+    recipes=[{"scale": s} for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)],
+    mergekit=MergekitForm({"task_arithmetic": {}}, linear=frozenset({"task_arithmetic"})),
+)
 def task_arithmetic(
     base: StateDict,
     models: Sequence[StateDict],
@@ -58,13 +67,6 @@ def task_arithmetic(
     >>> task_arithmetic(base, [a, b], weights=[1.0, -1.0])["w"].tolist()
     [1.0, -2.0]
     """
-    return merge_state_dicts("task_arithmetic", base, models, dict(scale=scale, weights=weights, normalize=normalize))
-
-
-@kernel("task_arithmetic")
-def _task_arithmetic_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
-    factor = p["scale"] / (safe_divisor(sum(p["weights"])) if p["normalize"] else 1.0)
-    add_weighted(out, inputs.anchor32(key), inputs.deltas(key), [factor * w for w in p["weights"]])
 
 
 def analogy(base: StateDict, a: StateDict, b: StateDict, c: StateDict, scale: LayerValue = 1.0) -> StateDict:
@@ -78,7 +80,18 @@ def analogy(base: StateDict, a: StateDict, b: StateDict, c: StateDict, scale: La
     return task_arithmetic(base, [a, b, c], scale=scale, weights=[-1.0, 1.0, 1.0])
 
 
-@merge_method
+def _linear_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
+    # written around the anchor (the base in a group plan, else model 0) so the builder can reuse its task vectors:
+    # Σ w θ_m = (Σ w) θ_anchor + Σ w (θ_m − θ_anchor)
+    w, total = p["weights"], sum(p["weights"])
+    if p["normalize"]:
+        add_weighted(out, inputs.anchor32(key), inputs.deltas(key), [x / safe_divisor(total) for x in w])
+    else:
+        add_weighted(out, inputs.anchor32(key), inputs.deltas(key), w, anchor_scale=total)
+
+
+@merge_method(kernel=Kernel(_linear_key),
+              mergekit=MergekitForm({"linear": {}}, linear=frozenset({"linear"})))
 def linear(
     models: Sequence[StateDict],
     weights: Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(-10.0, 10.0, search=(0.0, 1.0)))] = None,
@@ -90,18 +103,6 @@ def linear(
     >>> linear([{"w": torch.zeros(2)}, {"w": torch.ones(2)}], weights=[1.0, 3.0])["w"].tolist()
     [0.75, 0.75]
     """
-    return merge_state_dicts("linear", None, models, dict(weights=weights, normalize=normalize))
-
-
-@kernel("linear")
-def _linear_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
-    # written around the anchor (the base in a group plan, else model 0) so the builder can reuse its task vectors:
-    # Σ w θ_m = (Σ w) θ_anchor + Σ w (θ_m − θ_anchor)
-    w, total = p["weights"], sum(p["weights"])
-    if p["normalize"]:
-        add_weighted(out, inputs.anchor32(key), inputs.deltas(key), [x / safe_divisor(total) for x in w])
-    else:
-        add_weighted(out, inputs.anchor32(key), inputs.deltas(key), w, anchor_scale=total)
 
 
 __all__ = ["analogy", "linear", "task_arithmetic"]

@@ -14,10 +14,10 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.methods._groups import GroupPlan, assign_keys, validated_plans
-from merge3.methods._inputs import MergeInputs, is_tsv_key
+from merge3.methods._inputs import MergeInputs
 from merge3.methods._kernels import Sink, check_inputs, run_method
 from merge3.methods._params import layer_positions
-from merge3.methods._registry import StateDict
+from merge3.methods._registry import StateDict, get_method
 
 
 class _IntoDestination(Sink):
@@ -80,17 +80,14 @@ class CandidateBuilder:
         return {k: torch.empty_like(self.inputs.raw_anchor(k)) for k in self.keys}
 
     def precompute(self, methods: Iterable[str], seeds: Iterable[int] = (0,)) -> "CandidateBuilder":
-        """Fill the caches the given methods use, so that the first ``build`` is as fast as the others."""
-        methods = set(methods)
+        """Fill the caches the given methods use (each method's ``precompute``), so that the first ``build`` is as
+        fast as the others."""
+        hooks = [m.precompute for m in map(get_method, dict.fromkeys(methods)) if m.precompute is not None]
+        seeds = list(seeds)
         for key in self.float_keys:
             self.inputs.deltas(key)
-            if "ties" in methods:
-                self.inputs.trim_thresholds(key, 0.5)  # sorts the magnitudes of every task once
-            if "dare" in methods:
-                for seed in seeds:
-                    self.inputs.uniforms(key, seed)
-            if "tsv_merge" in methods and is_tsv_key(key, self.inputs.shape(key)):
-                self.inputs.tsv_components(key)
+            for hook in hooks:
+                hook(self.inputs, key, seeds)
         return self
 
     def build(self, plans: Sequence[GroupPlan], out: Mapping[str, torch.Tensor] | None = None) -> Mapping[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from scipy.optimize import linear_sum_assignment, minimize_scalar
 
 from merge3._errors import Merge3Error
-from merge3.methods._params import LayerValue, layer_positions, resolve
+from merge3.methods._params import LayerValue, layer_index, layer_positions, resolve
 from merge3.methods._permutation_spec import (
     PermutationSpec,
     Perms,
@@ -564,7 +564,30 @@ def reset_bn_stats(module: torch.nn.Module, data: Iterable[Any], max_batches: in
 _Weights = Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(0.0, 100.0, search=(0.0, 1.0)))]
 
 
-@merge_method(name="c2m3")
+def _mlp_spec_of(state_dict: Mapping[str, torch.Tensor]) -> PermutationSpec:
+    """The permutation spec of an MLP saved in any key order (safetensors sorts names: bias before weight)."""
+    layers = sorted((k[: -len(".weight")] for k, t in state_dict.items() if k.endswith(".weight") and t.dim() == 2),
+                    key=lambda prefix: layer_index(prefix + ".") or 0)
+    if not layers:
+        raise Merge3Error("c2m3: the models have no linear layers to align")
+    return mlp_spec(layers, bias=all(f"{p}.bias" in state_dict for p in layers))
+
+
+def align_endpoints(models: Sequence[StateDict], seed: int = 0) -> list[StateDict]:
+    """Same-task MLPs aligned once into C2M3's shared universe: a candidate is then a weighted average of them
+    (what a search over c2m3 builds, with ``linear``).
+
+    >>> import torch
+    >>> sd = {"0.weight": torch.eye(2), "0.bias": torch.zeros(2), "1.weight": torch.ones(1, 2), "1.bias": torch.zeros(1)}
+    >>> len(align_endpoints([sd, sd], seed=0))
+    2
+    """
+    spec = _mlp_spec_of(models[0])
+    result = c2m3(models, spec, seed=seed)
+    return align_to_universe(models, spec, result.permutations)
+
+
+@merge_method(name="c2m3", label="C2M3", same_task=True, align=align_endpoints, candidate_method="linear")
 def _c2m3_method(
     models: Sequence[StateDict],
     max_iter: int = 200,

@@ -21,8 +21,9 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.methods._groups import layer_groups
-from merge3.methods._inputs import MergeInputs, is_tsv_key
+from merge3.methods._inputs import MergeInputs
 from merge3.methods._kernels import check_inputs
+from merge3.methods._tsv import is_tsv_key
 from merge3.models import check_finite
 from merge3.methods._tsv import singular_task_interference
 

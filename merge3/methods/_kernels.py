@@ -1,4 +1,4 @@
-"""The per-tensor kernels behind every registered method, and the loop that runs one method over a set of keys.
+"""The loop that runs one method's per-tensor kernel over a set of keys, and the sinks the results go to.
 
 A kernel turns one key's inputs (``MergeInputs``) and that key's resolved parameters into the merged float32
 tensor. The pure functions, ``merge_groups``, ``CandidateBuilder`` and the streaming YAML merge all run the same
@@ -7,8 +7,7 @@ kernels, so they agree by construction; they differ only in where tensors come f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,9 +15,7 @@ import torch
 from merge3._errors import Merge3Error
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._params import has_row_blocks, is_row_blocks, resolve, row_weights
-from merge3.methods._registry import MergeMethod, get_method
-from merge3.methods._registry import StateDict
-
+from merge3.methods._registry import MergeMethod, StateDict, get_method
 
 
 class Sink:
@@ -32,29 +29,6 @@ class Sink:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """``merge_key(inputs, key, params, context, out)`` writes the merged float32 tensor of ``key`` into ``out``;
-    ``prepare(inputs, keys, params_of, positions)`` computes what spans several keys (TIES' global trim) and
-    returns the ``context``."""
-
-    merge_key: Callable[[MergeInputs, str, dict[str, Any], Any, torch.Tensor], None]
-    prepare: Callable[..., Any] | None = None
-
-
-KERNELS: dict[str, Kernel] = {}
-
-
-def kernel(name: str, prepare: Callable[..., Any] | None = None):
-    """Register ``fn`` as the per-key kernel of method ``name``."""
-
-    def register(fn):
-        KERNELS[name] = Kernel(fn, prepare)
-        return fn
-
-    return register
-
-
 def key_params(method: MergeMethod, params: Mapping[str, Any], key: str, position: float, n_models: int,
                device: torch.device, shape: Sequence[int] = ()) -> dict[str, Any]:
     """The scalars one key gets: per-layer values resolved, per-model values as a list of floats (default ones), or
@@ -64,10 +38,13 @@ def key_params(method: MergeMethod, params: Mapping[str, Any], key: str, positio
         value = params.get(name, spec.default)
         if spec.kind == "float" and value is not None:
             value = resolve(value, key, position)
-        elif spec.kind == "per_model":
-            value = [1.0] * n_models if value is None else [
-                row_weights(v, shape, device) if is_row_blocks(v) else resolve(v, key, position) for v in value]
+        elif spec.kind == "per_model" and value is not None:
+            value = [row_weights(v, shape, device) if is_row_blocks(v) else resolve(v, key, position) for v in value]
         out[name] = value
+    for name, spec in method.params.items():
+        if spec.kind == "per_model" and out[name] is None:
+            # unset: every model takes the shared value it overrides (weights: 1)
+            out[name] = [1.0 if spec.overrides is None else out[spec.overrides]] * n_models
     return out
 
 
@@ -93,7 +70,7 @@ def run_method(inputs: MergeInputs, method: str, params: Mapping[str, Any], keys
     spec = get_method(method)
     if spec.needs_base and inputs.base is None:
         raise Merge3Error(f"{method}: needs a base model (task vectors are differences from it)")
-    kern = KERNELS.get(method)
+    kern = spec.kernel
     if kern is None:
         if has_row_blocks(params):
             raise Merge3Error(f"{method}: merges whole models, so its weights cannot be given per row block")

@@ -14,100 +14,17 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.methods._arithmetic import Scale, Weights, add_weighted, safe_divisor
-from merge3.methods._inputs import MergeInputs, keep_count
-from merge3.methods._kernels import kernel, merge_state_dicts
+from merge3.methods._inputs import MergeInputs
+from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
-from merge3.methods._registry import Bounds, StateDict, merge_method
+from merge3.methods._registry import Bounds, Kernel, PerModel, StateDict, merge_method
+from merge3.methods._sparsify import (elect_and_merge, global_thresholds, magnitude_thresholds, sorted_magnitudes,
+                                      trim_into, trim_thresholds, uniforms)
 
 Density = Annotated[LayerValue, Bounds(0.0, 1.0, search=(0.05, 1.0))]
 DropRate = Annotated[LayerValue, Bounds(0.0, 0.99, search=(0.0, 0.9))]
-
-
-def trim_into(work: torch.Tensor, deltas: torch.Tensor, thresholds: torch.Tensor | None,
-              weights: Sequence[float]) -> torch.Tensor:
-    """``work[t] = w_t · deltas[t] · (|deltas[t]| ≥ thr_t)``: trimmed, weighted task vectors, in place.
-
-    ``thresholds`` None keeps everything. The trim is a hard shrink at the largest float below the threshold, which
-    keeps exactly the entries with ``|x| ≥ thr`` in one pass (a bool mask times a float tensor takes ten).
-    """
-    for t, w in enumerate(weights):
-        if thresholds is None or float(thresholds[t]) <= 0:
-            torch.mul(deltas[t], w, out=work[t])
-            continue
-        below = float(torch.nextafter(thresholds[t].float(), torch.tensor(-float("inf"), device=thresholds.device)))
-        torch.ops.aten.hardshrink.out(deltas[t], below, out=work[t])
-        work[t].mul_(w)
-    return work
-
-
-def magnitude_thresholds(deltas: torch.Tensor, density: float) -> torch.Tensor | None:
-    """Per-task threshold that keeps the top ``max(1, int(density·n))`` magnitudes of each row (computed directly;
-    ``MergeInputs.trim_thresholds`` is the cached equivalent for the unmodified task vectors)."""
-    n = deltas[0].numel()
-    k = keep_count(density, n)
-    if k is None:
-        return None
-    if k == 0:
-        return torch.full((deltas.shape[0],), float("inf"), device=deltas.device)
-    return torch.kthvalue(deltas.reshape(deltas.shape[0], -1).abs(), n - k + 1, dim=1).values
-
-
-def elect_and_merge(inputs: MergeInputs, work: torch.Tensor, weights: Sequence[float], normalize: bool,
-                    tie_sign: float | None, out: torch.Tensor) -> torch.Tensor:
-    """TIES steps 2–3 on ``work``, the T × shape trimmed and weighted task vectors (overwritten), into ``out``.
-
-    Weighted entries vote with their sum; each entry keeps only the values of the elected sign (zeros never count)
-    and, with ``normalize``, divides by the sum of the weights that agreed (the disjoint mean). Entries whose sum is
-    exactly 0 take ``tie_sign``; None: the sign most entries of this tensor elected (−1 on a draw, as the official
-    code, whose fallback is the sign of the sum of the elected signs).
-    """
-    shape, device = work.shape[1:], work.device
-    sign = inputs.scratch("ties.sign", shape, device=device)
-    tmp = inputs.scratch("ties.tmp", shape, device=device)
-    torch.sum(work, dim=0, out=out)
-    torch.sign(out, out=sign)
-    if tie_sign is None:
-        tie_sign = 1.0 if float(sign.sum()) > 0 else -1.0
-    # sign(sign(e) + tie/2) is sign(e) where e ≠ 0 and the tie sign where e = 0, without a bool mask
-    torch.sign(sign.add_(0.5 * tie_sign), out=sign)
-    divisor = tmp.zero_() if normalize else None
-    for t, w in enumerate(weights):
-        row = work[t].mul_(sign).clamp_(min=0.0)  # |value| where it agrees with the elected sign, else 0
-        if divisor is not None:
-            torch.sign(row, out=out)  # `out` is free until the final sum
-            divisor.addcmul_(out, w) if isinstance(w, torch.Tensor) else divisor.add_(out, alpha=w)
-    torch.sum(work, dim=0, out=out).mul_(sign)
-    if divisor is not None:
-        # mergekit's guard: a zero divisor divides by 1 (d + [d = 0]; `sign` is free now)
-        out.div_(divisor.add_(torch.eq(divisor, 0.0, out=sign)))
-    return out
-
-
-@merge_method
-def ties(
-    base: StateDict,
-    models: Sequence[StateDict],
-    density: Density,
-    scale: Scale = 1.0,
-    weights: Weights = None,
-    trim: Literal["tensor", "model"] = "tensor",
-    normalize: bool = True,
-) -> StateDict:
-    """TIES-Merging: θ = θ₀ + scale · disjoint_mean(elect(trim(w_m τ_m))).
-
-    ``trim="tensor"`` (default, mergekit's semantics) keeps the top ``max(1, int(density·n))`` magnitudes of each
-    tensor of each task vector; ``trim="model"`` is the official code's global trim over all tensors merged together
-    (threshold ``kthvalue(|τ|, D − int(D·density))``, entries ``≥`` it kept; one density for all tensors). Entries
-    tied with the threshold are all kept. ``normalize=False`` sums the agreeing entries instead of averaging them.
-
-    >>> import torch
-    >>> base = {"w": torch.zeros(3)}
-    >>> a, b = {"w": torch.tensor([3., -1., 1.])}, {"w": torch.tensor([1., 2., -2.])}
-    >>> ties(base, [a, b], density=1.0)["w"].tolist()
-    [2.0, 2.0, -2.0]
-    """
-    return merge_state_dicts("ties", base, models, dict(density=density, scale=scale, weights=weights, trim=trim,
-                                                        normalize=normalize))
+Densities = Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(0.0, 1.0, search=(0.05, 1.0)), overrides="density")]
+DropRates = Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(0.0, 0.99, search=(0.0, 0.9)), overrides="drop_rate")]
 
 
 def _trimmed(inputs: MergeInputs, key: str, thresholds: torch.Tensor | None, weights: Sequence[float]) -> torch.Tensor:
@@ -120,10 +37,11 @@ def _ties_prepare(inputs: MergeInputs, keys: Sequence[str], params_of: Callable[
     """The global trim: one threshold per task over all keys, and the tie-break sign voted over all of them."""
     if not keys or params_of(keys[0])["trim"] != "model":
         return None
-    densities = {params_of(k)["density"] for k in keys}
+    densities = {tuple(params_of(k)["densities"]) for k in keys}
     if len(densities) > 1:
-        raise Merge3Error(f"ties: trim='model' needs one density for all tensors, got per-layer values {sorted(densities)}")
-    thresholds = inputs.global_thresholds(keys, densities.pop())
+        values = sorted({d for each in densities for d in each})
+        raise Merge3Error(f"ties: trim='model' needs one density for all tensors, got per-layer values {values}")
+    thresholds = global_thresholds(inputs, keys, densities.pop())
     votes = 0.0
     for key in keys:
         elected = _trimmed(inputs, key, thresholds, params_of(key)["weights"]).sum(dim=0)
@@ -131,18 +49,98 @@ def _ties_prepare(inputs: MergeInputs, keys: Sequence[str], params_of: Callable[
     return thresholds, (1.0 if votes > 0 else -1.0)
 
 
-@kernel("ties", prepare=_ties_prepare)
 def _ties_key(inputs: MergeInputs, key: str, p: dict, context: tuple | None, out: torch.Tensor) -> None:
     if p["trim"] == "model":
         thresholds, tie_sign = context
     else:
-        thresholds, tie_sign = inputs.trim_thresholds(key, p["density"]), None
+        thresholds, tie_sign = trim_thresholds(inputs, key, p["densities"]), None
     work = _trimmed(inputs, key, thresholds, p["weights"])
     elect_and_merge(inputs, work, p["weights"], p["normalize"], tie_sign, out)
     out.mul_(p["scale"]).add_(inputs.anchor32(key))
 
 
-@merge_method
+def _sort_magnitudes(inputs: MergeInputs, key: str, seeds: Sequence[int]) -> None:
+    sorted_magnitudes(inputs, key)  # a trim at any density is then an index
+
+
+@merge_method(
+    kernel=Kernel(_ties_key, prepare=_ties_prepare), precompute=_sort_magnitudes, label="TIES",
+    recipes=[{"scale": s, "density": d} for d in (0.2, 0.5, 0.8) for s in (0.3, 0.5, 0.7, 1.0, 1.5)],
+    mergekit=MergekitForm({"ties": {}}, density="density", imported={"ties": {"density": 1.0}},  # mergekit's default
+                          merge3_only={"trim": "tensor"}),
+)
+def ties(
+    base: StateDict,
+    models: Sequence[StateDict],
+    density: Density,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+    trim: Literal["tensor", "model"] = "tensor",
+    normalize: bool = True,
+    densities: Densities = None,
+) -> StateDict:
+    """TIES-Merging: θ = θ₀ + scale · disjoint_mean(elect(trim(w_m τ_m))).
+
+    ``trim="tensor"`` (default, mergekit's semantics) keeps the top ``max(1, int(density·n))`` magnitudes of each
+    tensor of each task vector; ``trim="model"`` is the official code's global trim over all tensors merged together
+    (threshold ``kthvalue(|τ|, D − int(D·density))``, entries ``≥`` it kept; one density for all tensors). Entries
+    tied with the threshold are all kept. ``normalize=False`` sums the agreeing entries instead of averaging them.
+    ``densities`` gives each model its own density (mergekit's per-model ``density``), overriding ``density``.
+
+    >>> import torch
+    >>> base = {"w": torch.zeros(3)}
+    >>> a, b = {"w": torch.tensor([3., -1., 1.])}, {"w": torch.tensor([1., 2., -2.])}
+    >>> ties(base, [a, b], density=1.0)["w"].tolist()
+    [2.0, 2.0, -2.0]
+    """
+
+
+def _dare_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
+    deltas, drops, w = inputs.deltas(key), p["drop_rates"], p["weights"]
+    rescale = [1.0 / (1.0 - d) if p["rescale"] else 1.0 for d in drops]
+    keep = None
+    if any(d > 0 for d in drops):
+        # keep = [u ≥ p_t] as floats (a float mask multiplies ten times faster than a bool one on CPU)
+        draws = uniforms(inputs, key, p["seed"])
+        keep = inputs.scratch("dare.keep", deltas.shape, device=deltas.device)
+        for t, d in enumerate(drops):
+            torch.ge(draws[t], d, out=keep[t])
+    if p["combine"] == "linear":
+        factor = p["scale"] / (safe_divisor(sum(w)) if p["normalize"] else 1.0)
+        if keep is None:
+            add_weighted(out, inputs.anchor32(key), deltas, [factor * x for x in w])
+            return
+        out.copy_(inputs.anchor32(key))
+        for t, x in enumerate(w):
+            coefficient = factor * x * rescale[t]
+            if isinstance(coefficient, torch.Tensor):  # row-block weights
+                out.addcmul_(deltas[t] * coefficient, keep[t])
+            elif coefficient != 0.0:
+                out.addcmul_(deltas[t], keep[t], value=coefficient)
+        return
+    if keep is not None:
+        deltas = keep.mul_(deltas)  # the dropped, rescaled task vectors, in the mask's buffer
+        for t, r in enumerate(rescale):
+            deltas[t].mul_(r)
+    work = inputs.scratch("ties.work", deltas.shape, device=deltas.device)
+    trim_into(work, deltas, magnitude_thresholds(deltas, p["density"]), w)
+    elect_and_merge(inputs, work, w, True if p["normalize"] is None else p["normalize"], None, out)
+    out.mul_(p["scale"]).add_(inputs.anchor32(key))
+
+
+def _draw_uniforms(inputs: MergeInputs, key: str, seeds: Sequence[int]) -> None:
+    for seed in seeds:
+        uniforms(inputs, key, seed)  # a mask at any drop rate is then a comparison
+
+
+@merge_method(
+    kernel=Kernel(_dare_key), precompute=_draw_uniforms, label="DARE", redundant=["scale"],
+    recipes=[{"scale": s, "drop_rate": p} for p in (0.5, 0.9) for s in (0.2, 0.3, 0.4, 0.6, 0.8)],
+    mergekit=MergekitForm({"dare_linear": {"combine": "linear"}, "dare_ties": {"combine": "ties"}},
+                          density="drop_rate", complement=True, linear=frozenset({"dare_linear"}),
+                          imported={"dare_ties": {"normalize": False}}, exported={"dare_ties": {"normalize": True}},
+                          merge3_only={"density": 1.0, "rescale": True}),
+)
 def dare(
     base: StateDict,
     models: Sequence[StateDict],
@@ -154,6 +152,7 @@ def dare(
     density: Density = 1.0,
     normalize: Optional[bool] = None,
     rescale: bool = True,
+    drop_rates: DropRates = None,
 ) -> StateDict:
     """DARE: drop each task-vector entry with probability ``drop_rate``, rescale survivors by 1/(1−p), then combine.
 
@@ -169,39 +168,6 @@ def dare(
     >>> round(float((merged == 0).float().mean()), 1), float(merged.max())
     (0.9, 10.0)
     """
-    return merge_state_dicts("dare", base, models, dict(drop_rate=drop_rate, seed=seed, scale=scale, weights=weights,
-                                                        combine=combine, density=density, normalize=normalize,
-                                                        rescale=rescale))
 
 
-@kernel("dare")
-def _dare_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
-    deltas, drop, w = inputs.deltas(key), p["drop_rate"], p["weights"]
-    rescale = 1.0 / (1.0 - drop) if p["rescale"] else 1.0
-    keep = None
-    if drop > 0:
-        # keep = [u ≥ p] as floats (a float mask multiplies ten times faster than a bool one on CPU)
-        keep = torch.ge(inputs.uniforms(key, p["seed"]), drop, out=inputs.scratch("dare.keep", deltas.shape,
-                                                                                  device=deltas.device))
-    if p["combine"] == "linear":
-        factor = p["scale"] / (safe_divisor(sum(w)) if p["normalize"] else 1.0)
-        if keep is None:
-            add_weighted(out, inputs.anchor32(key), deltas, [factor * x for x in w])
-            return
-        out.copy_(inputs.anchor32(key))
-        for t, x in enumerate(w):
-            coefficient = factor * x * rescale
-            if isinstance(coefficient, torch.Tensor):  # row-block weights
-                out.addcmul_(deltas[t] * coefficient, keep[t])
-            elif coefficient != 0.0:
-                out.addcmul_(deltas[t], keep[t], value=coefficient)
-        return
-    if keep is not None:
-        deltas = keep.mul_(deltas).mul_(rescale)  # the dropped, rescaled task vectors, in the mask's buffer
-    work = inputs.scratch("ties.work", deltas.shape, device=deltas.device)
-    trim_into(work, deltas, magnitude_thresholds(deltas, p["density"]), w)
-    elect_and_merge(inputs, work, w, True if p["normalize"] is None else p["normalize"], None, out)
-    out.mul_(p["scale"]).add_(inputs.anchor32(key))
-
-
-__all__ = ["dare", "elect_and_merge", "magnitude_thresholds", "ties", "trim_into"]
+__all__ = ["dare", "ties"]

@@ -8,20 +8,131 @@ between tasks, and the merged task matrix is ``U⊥ diag(s) V⊥ᵀ``. Other ten
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
 
 from merge3.methods._arithmetic import Weights, add_weighted
-from merge3.methods._inputs import MergeInputs, is_tsv_key
-from merge3.methods._kernels import check_inputs, kernel, merge_state_dicts
+from merge3.methods._inputs import MergeInputs
+from merge3.methods._kernels import check_inputs
 from merge3.methods._params import LayerValue
-from merge3.methods._registry import Bounds, StateDict, merge_method
+from merge3.methods._registry import Bounds, Kernel, StateDict, merge_method
 
 Alpha = Annotated[LayerValue, Bounds(-10.0, 10.0, search=(0.1, 3.0))]
 
 
-@merge_method
+# TSV treats 2-D weights as matrices, except CLIP's text_projection (the official code skips it)
+_TSV_SKIP = "text_projection"
+
+
+def is_tsv_key(key: str, shape: Sequence[int]) -> bool:
+    """Whether TSV merges ``key`` by its singular vectors (2-D, not ``text_projection``) or by the mean."""
+    return len(shape) == 2 and _TSV_SKIP not in key
+
+
+@dataclass(frozen=True)
+class TSVFactors:
+    """One 2-D key's TSV decomposition: ``τ_TSV = U⊥ diag(s) V⊥ᵀ``, where slot j belongs to task ``owner[j]``
+    (-1 for the zero padding when T·k < r)."""
+
+    u_perp: torch.Tensor  # m × r, orthonormal columns (a partial isometry when the task blocks are dependent)
+    s: torch.Tensor  # r
+    vh_perp: torch.Tensor  # r × n, orthonormal rows (likewise)
+    owner: torch.Tensor  # r, long
+
+    def components(self, n_tasks: int) -> torch.Tensor:
+        """Each task's share ``U⊥_t diag(s_t) V⊥_tᵀ``, stacked (T × m × n); zeros for a task without slots."""
+        return torch.stack([(self.u_perp[:, self.owner == t] * self.s[self.owner == t]) @ self.vh_perp[self.owner == t]
+                            for t in range(n_tasks)])
+
+    def weighted(self, weights: torch.Tensor) -> torch.Tensor:
+        """U⊥ diag(w_owner · s) V⊥ᵀ: every task's singular values scaled by its weight."""
+        coeffs = self.s * _per_slot(weights, self.owner)
+        return (self.u_perp * coeffs) @ self.vh_perp
+
+
+def _per_slot(weights: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    padded = torch.cat([weights, weights.new_zeros(1)])  # index -1 → the appended 0
+    return padded[owner]
+
+
+def tsv_factors(deltas: torch.Tensor, rank: int | None = None) -> TSVFactors:
+    """TSV-Merge of one key's stacked task matrices ``deltas`` (T × m × n), as the official code does it.
+
+    Each task keeps its top ``k = int(r · (1/T))`` singular triplets (r = min(m, n)); the kept U and V blocks are
+    concatenated and each replaced by its nearest orthonormal matrix ``P Qᵀ`` (from the SVD ``P Σ Qᵀ``).
+    """
+    n_tasks, m, n = deltas.shape
+    r = min(m, n)
+    k = int(r * (1 / n_tasks)) if rank is None else rank
+    u_cat = deltas.new_zeros(m, r)
+    s_cat = deltas.new_zeros(r)
+    vh_cat = deltas.new_zeros(r, n)
+    owner = torch.full((r,), -1, dtype=torch.long, device=deltas.device)
+    for t in range(n_tasks):
+        u, s, vh = torch.linalg.svd(deltas[t], full_matrices=False)
+        block = slice(t * k, (t + 1) * k)
+        u_cat[:, block], s_cat[block], vh_cat[block, :] = u[:, :k], s[:k], vh[:k, :]
+        owner[block] = t
+    return TSVFactors(_nearest_orthonormal(u_cat), s_cat, _nearest_orthonormal(vh_cat), owner)
+
+
+def _nearest_orthonormal(x: torch.Tensor) -> torch.Tensor:
+    """``P Qᵀ`` from the SVD ``P Σ Qᵀ``, over the singular values that are not numerically zero.
+
+    When the concatenated blocks are linearly dependent (in practice: neurons that no task updated, e.g. dead ReLU
+    units, leave task vectors with shared zero rows), the full ``P Qᵀ`` is not unique: its null-space part is
+    whatever basis LAPACK returns, so the merge changes with the machine and the precision. The official code has
+    that ambiguity; keeping only the numerical range (the nearest partial isometry) is unique, and equals ``P Qᵀ``
+    whenever the blocks are independent.
+    """
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    rank = int((s > s[0] * max(x.shape) * torch.finfo(s.dtype).eps).sum()) if s.numel() else 0
+    return p[:, :rank] @ qh[:rank]
+
+
+def tsv_of(inputs: MergeInputs, key: str) -> TSVFactors:
+    """``key``'s TSV factors (cached while the builder has not replaced them by the components)."""
+    return inputs.remember(("tsv", key), lambda: tsv_factors(inputs.deltas(key)))
+
+
+def tsv_components(inputs: MergeInputs, key: str) -> torch.Tensor:
+    """Each task's share ``U⊥_t diag(s_t) V⊥_tᵀ`` of ``key``'s TSV matrix, stacked (T × m × n), cached.
+
+    With these a TSV merge with any per-task weights is a weighted sum of T matrices (memory-bound, like task
+    arithmetic) instead of an m×r×n product per candidate.
+    """
+
+    def make():
+        components = tsv_of(inputs, key).components(inputs.n_models)
+        inputs.forget_one(("tsv", key))  # the components replace the factors
+        return components
+
+    return inputs.remember(("tsv_components", key), make)
+
+
+def _tsv_precompute(inputs: MergeInputs, key: str, seeds: Sequence[int]) -> None:
+    if is_tsv_key(key, inputs.shape(key)):
+        tsv_components(inputs, key)
+
+
+def _tsv_merge_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
+    alpha, w = p["alpha"], p["weights"]
+    anchor = inputs.anchor32(key)
+    if not is_tsv_key(key, inputs.shape(key)):
+        add_weighted(out, anchor, inputs.deltas(key), [alpha * x / inputs.n_models for x in w])
+    elif inputs.caching or any(isinstance(x, torch.Tensor) for x in w):
+        # the builder (per-task components precomputed, a build is a weighted sum) or row-block weights, which
+        # scale rows of each task's component rather than its singular values
+        add_weighted(out, anchor, tsv_components(inputs, key), [alpha * x for x in w])
+    else:
+        weights = torch.tensor(w, dtype=torch.float32, device=anchor.device)
+        torch.add(anchor, tsv_of(inputs, key).weighted(weights), alpha=alpha, out=out)
+
+
+@merge_method(kernel=Kernel(_tsv_merge_key), precompute=_tsv_precompute, label="TSV-M", redundant=["alpha"],
+              recipes=[{"scale": s} for s in (0.5, 1.0, 1.5, 2.0, 2.5)])
 def tsv_merge(base: StateDict, models: Sequence[StateDict], alpha: Alpha = 1.0, weights: Weights = None) -> StateDict:
     """TSV-Merge: θ = θ₀ + alpha · τ_TSV, as the official code (2-D keys by TSV, others by the mean task vector).
 
@@ -37,22 +148,6 @@ def tsv_merge(base: StateDict, models: Sequence[StateDict], alpha: Alpha = 1.0, 
     >>> torch.allclose(merged["w"], a["w"] + b["w"], atol=1e-6), merged["b"].tolist()
     (True, [0.5, 0.5, 0.5, 0.5])
     """
-    return merge_state_dicts("tsv_merge", base, models, dict(alpha=alpha, weights=weights))
-
-
-@kernel("tsv_merge")
-def _tsv_merge_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
-    alpha, w = p["alpha"], p["weights"]
-    anchor = inputs.anchor32(key)
-    if not is_tsv_key(key, inputs.shape(key)):
-        add_weighted(out, anchor, inputs.deltas(key), [alpha * x / inputs.n_models for x in w])
-    elif inputs.caching or any(isinstance(x, torch.Tensor) for x in w):
-        # the builder (per-task components precomputed, a build is a weighted sum) or row-block weights, which
-        # scale rows of each task's component rather than its singular values
-        add_weighted(out, anchor, inputs.tsv_components(key), [alpha * x for x in w])
-    else:
-        weights = torch.tensor(w, dtype=torch.float32, device=anchor.device)
-        torch.add(anchor, inputs.tsv(key).weighted(weights), alpha=alpha, out=out)
 
 
 def truncate(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -123,4 +218,5 @@ def singular_task_interference(deltas: torch.Tensor) -> float:
     return float((((u_cat.T @ u_cat - eye) * s_cat) @ (v_cat.T @ v_cat - eye)).abs().sum())
 
 
-__all__ = ["compressed_rank", "singular_task_interference", "truncate", "tsv_compress", "tsv_merge"]
+__all__ = ["TSVFactors", "compressed_rank", "is_tsv_key", "singular_task_interference", "truncate", "tsv_compress",
+           "tsv_factors", "tsv_merge"]

@@ -4,7 +4,7 @@ manifest that records exactly what went in.
 
 Accepted config (mergekit's schema for the methods both tools have)::
 
-    merge_method: ties            # task_arithmetic | ties | dare_linear | dare_ties | linear, or a merge3 method
+    merge_method: ties            # any mergekit method merge3 has (`merge3 methods`), or a merge3 method
     base_model: ./base            # local folders or weight files only: merge3 never downloads
     models:
       - model: ./math
@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from merge3._errors import Merge3Error, validation_message
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._kernels import Sink, run_method
+from merge3.methods._mergekit import mergekit_methods, per_model_keys, per_model_params
 from merge3.methods._params import layer_positions
 from merge3.methods._registry import get_method, list_methods
 
@@ -44,14 +45,6 @@ ParamValue = Union[Number, bool, str, list[Union[Number, FilterEntry]], dict[str
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# mergekit method → (merge3 method, fixed merge3 parameters, mergekit's defaults that differ from merge3's)
-_MERGEKIT = {
-    "task_arithmetic": ("task_arithmetic", {}, {}),
-    "ties": ("ties", {}, {"density": 1.0}),  # mergekit's default density
-    "dare_linear": ("dare", {"combine": "linear"}, {}),
-    "dare_ties": ("dare", {"combine": "ties"}, {"normalize": False}),
-    "linear": ("linear", {}, {}),
-}
 _IGNORED = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 
@@ -110,59 +103,36 @@ def _layer_value(value: Any, field: str) -> Any:
     return value
 
 
-def _complement(value: Any) -> Any:
-    """1 − value for every number of a per-layer value (mergekit's DARE density is merge3's 1 − drop_rate)."""
-    if isinstance(value, Mapping):
-        return {k: 1.0 - float(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [1.0 - float(v) for v in value]
-    return 1.0 - float(value)
-
-
-def _shared(values: list[Any], name: str, method: str) -> Any:
-    if any(v != values[0] for v in values[1:]):
-        raise Merge3Error(f"models[*].parameters.{name}: merge3's {method} takes one {name} for all models, "
-                          f"got {values}")
-    return values[0]
-
-
 def merge_params(config: MergeConfig) -> tuple[str, dict[str, Any]]:
     """The merge3 method and its validated parameters for ``config`` (mergekit names translated)."""
     mergekit_name = config.merge_method
-    method_name, fixed, defaults = _MERGEKIT.get(mergekit_name, (mergekit_name, {}, {}))
+    known = mergekit_methods()
+    method_name, fixed = known.get(mergekit_name, (mergekit_name, {}))
     if method_name not in list_methods() or method_name.startswith("_"):
-        supported = sorted(set(_MERGEKIT) | {m for m in list_methods() if not m.startswith("_")})
+        supported = sorted(set(known) | {m for m in list_methods() if not m.startswith("_")})
         raise Merge3Error(f"field 'merge_method': '{mergekit_name}' is not supported (supported: {', '.join(supported)})")
     method = get_method(method_name)
-    from_mergekit = mergekit_name in _MERGEKIT
-    params: dict[str, Any] = dict(defaults)
+    from_mergekit = mergekit_name if mergekit_name in known else None
+    params: dict[str, Any] = dict(method.mergekit.imported.get(mergekit_name, {})) if from_mergekit else {}
     for key, value in config.parameters.items():
         if key in _IGNORED:
             continue
         target = {"lambda": "scale", "weight": "weights"}.get(key, key)  # mergekit's names, accepted everywhere
         params[target] = _layer_value(value, f"parameters.{key}")
+    allowed = per_model_keys(method, from_mergekit)
     per_model: dict[str, list[Any]] = {}
     for i, entry in enumerate(config.models):
         for key, value in entry.parameters.items():
-            if key not in ("weight", "density"):
-                raise Merge3Error(f"field 'models.{i}.parameters.{key}': only weight and density are per-model "
-                                  "parameters (put the others under the global 'parameters')")
+            if key == "weight" and key not in allowed:
+                raise Merge3Error(f"field 'models[*].parameters.weight': {method_name} takes no per-model weights")
+            if key not in allowed:
+                raise Merge3Error(f"field 'models.{i}.parameters.{key}': {method_name} takes "
+                                  f"{', '.join(sorted(allowed)) or 'no parameters'} per model (put the others under "
+                                  "the global 'parameters')")
             per_model.setdefault(key, [None] * len(config.models))[i] = _layer_value(value, f"models.{i}.parameters.{key}")
-    if "weight" in per_model:
-        default = params.pop("weights", 1.0)
-        params["weights"] = [default if v is None else v for v in per_model["weight"]]
-    elif "weights" in params and not isinstance(params["weights"], list):
-        params["weights"] = [params["weights"]] * len(config.models)
-    if "density" in per_model:
-        default = params.get("density")
-        densities = [default if v is None else v for v in per_model["density"]]
-        if None in densities:
-            raise Merge3Error(f"field 'models.{densities.index(None)}.parameters.density' is missing")
-        params["density"] = _shared(densities, "density", method_name)
-    if method_name == "dare" and from_mergekit:
-        params["drop_rate"] = _complement(params.pop("density", 1.0))
-        if config.seed is not None:
-            params["seed"] = config.seed
+    params = per_model_params(method, from_mergekit, per_model, params, len(config.models))
+    if config.seed is not None and "seed" in method.params:
+        params["seed"] = config.seed
     params.update(fixed)
     if "weights" in params and "weights" not in method.params:
         raise Merge3Error(f"field 'models[*].parameters.weight': {method_name} takes no per-model weights")

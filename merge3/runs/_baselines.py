@@ -1,5 +1,5 @@
-"""The fixed recipes a search has to beat: the base, each endpoint, and uniform task arithmetic, TIES, DARE and
-TSV-Merge with their strength (and density) grid-searched.
+"""The fixed recipes a search has to beat: the base, each endpoint, and each method's declared recipe grid (by
+default task arithmetic, TIES, DARE and TSV-Merge, strength and density grid-searched) at uniform endpoint weights.
 
 Every recipe is scored on every item; the grid point of each method is **chosen on the search split** (as a search
 would choose it) and **reported on the test split**, so no recipe gets an advantage on the items that judge merges.
@@ -16,18 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merge3._errors import Merge3Error
-from merge3.methods import MERGES_REVISION
+from merge3.methods import MERGES_REVISION, get_method, registered
 from merge3.models import weight_files, write_text_atomic
 
-# Uniform recipes at strength λ: every endpoint weighted λ, except TIES, whose disjoint mean divides the weights out
-# (equal weights, its own `scale` = λ). TIES and TSV average over tasks, so their useful λ are larger.
-GRID: dict[str, list[dict]] = {
-    "task_arithmetic": [{"scale": s} for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)],
-    "ties": [{"scale": s, "density": d} for d in (0.2, 0.5, 0.8) for s in (0.3, 0.5, 0.7, 1.0, 1.5)],
-    "dare": [{"scale": s, "drop_rate": p} for p in (0.5, 0.9) for s in (0.2, 0.3, 0.4, 0.6, 0.8)],
-    "tsv_merge": [{"scale": s} for s in (0.5, 1.0, 1.5, 2.0, 2.5)],
-}
-LABEL = {"task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "tsv_merge": "TSV-M", "c2m3": "C2M3"}
+DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "tsv_merge")  # the recipes a task-vector run is compared with
+
+
+def grid(method: str) -> list[dict]:
+    """A method's fixed-recipe settings (its declared ``recipes``); a ``Merge3Error`` when it declares none."""
+    recipes = get_method(method).recipes
+    if not recipes:
+        with_grid = [m for m, spec in registered().items() if spec.recipes]
+        raise Merge3Error(f"no baseline grid for method(s) ['{method}'] (known: {', '.join(sorted(with_grid))})")
+    return [dict(r) for r in recipes]
 
 
 @dataclass(frozen=True)
@@ -64,25 +65,27 @@ def full_bank_factory(config: dict, methods: list[str] | None = None):
     return factory
 
 
-def _recipes(methods: list[str], names: list[str], same_task: bool) -> list[tuple[str, str, dict, dict]]:
+def _recipes(methods: list[str], names: list[str], same_task: str | None) -> list[tuple[str, str, dict, dict]]:
     """(name, method, setting, params) of every recipe to score."""
     n_models = len(names)
-    if same_task:  # c2m3 candidates are weighted averages of the aligned endpoints
-        one_hot = [(f"endpoint {name}", "c2m3", {"endpoint": i}, {"weights": [float(j == i) for j in range(n_models)]})
-                   for i, name in enumerate(names)]
-        return one_hot + [("C2M3 (uniform average)", "c2m3", {}, {"weights": [1.0] * n_models})]
+    if same_task is not None:  # same-task candidates are weighted averages of the aligned endpoints
+        label = get_method(same_task).label
+        one_hot = [(f"endpoint {name}", same_task, {"endpoint": i},
+                    {"weights": [float(j == i) for j in range(n_models)]}) for i, name in enumerate(names)]
+        return one_hot + [(f"{label} (uniform average)", same_task, {}, {"weights": [1.0] * n_models})]
     recipes = [("base", "task_arithmetic", {}, {"weights": [0.0] * n_models})]
     recipes += [(f"endpoint {name}", "task_arithmetic", {"endpoint": i},
                  {"weights": [float(j == i) for j in range(n_models)]}) for i, name in enumerate(names)]
     for method in methods:
-        for setting in GRID[method]:
-            own = {k: v for k, v in setting.items() if k != "scale"}
-            if method == "ties":
-                params = {"weights": [1.0] * n_models, "scale": setting["scale"], **own}
-            else:
-                params = {"weights": [setting["scale"]] * n_models, **own}
-            recipes.append((f"{LABEL[method]} {_describe(setting)}", method, setting, params))
+        spec = get_method(method)
+        for setting in grid(method):
+            recipes.append((f"{spec.label} {_describe(setting)}", method, setting, spec.uniform_recipe(setting, n_models)))
     return recipes
+
+
+def same_task_method(config: dict) -> str | None:
+    """The run's same-task method (C2M3), or None for a task-vector run."""
+    return next((m for m in config["genome"]["methods"] if get_method(m).same_task), None)
 
 
 def _describe(setting: dict) -> str:
@@ -99,7 +102,8 @@ def _cache_key(config: dict, methods: list[str]) -> str:
     bank = Path(config["bank"]["path"])
     stamp = [(str(f), f.stat().st_mtime_ns) for f in sorted(bank.glob("*")) if f.is_file()]
     names = models.get("names") or [Path(p).name for p in models["endpoints"]]  # the rows are labelled with them
-    payload = json.dumps({"files": files, "bank": stamp, "grid": {m: GRID.get(m) for m in methods}, "names": names,
+    grids = {m: [dict(r) for r in get_method(m).recipes] or None for m in methods}
+    payload = json.dumps({"files": files, "bank": stamp, "grid": grids, "names": names,
                           "methods": methods, "merges_revision": MERGES_REVISION, "format": 2}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -116,11 +120,11 @@ def baselines(config: dict, *, methods: list[str] | None = None, log: Callable[[
     from merge3.itembank import ItemBank
     from merge3.runtime import EvalRequest, LocalExecutor
 
-    same_task = "c2m3" in config["genome"]["methods"]
-    methods = ["c2m3"] if same_task else list(methods or GRID)
-    unknown = [m for m in methods if m not in GRID and m != "c2m3"]
-    if unknown:
-        raise Merge3Error(f"no baseline grid for method(s) {unknown} (known: {', '.join(GRID)})")
+    same_task = same_task_method(config)
+    methods = [same_task] if same_task else list(methods or DEFAULT_METHODS)
+    if not same_task:
+        for method in methods:
+            grid(method)  # every method has a recipe grid
     key = _cache_key(config, methods)
     path = Path(config["bank"]["path"]) / "baselines" / f"{key}.json"
     if cache and path.exists():
@@ -130,7 +134,7 @@ def baselines(config: dict, *, methods: list[str] | None = None, log: Callable[[
     factory = full_bank_factory(config, methods)
     bank = ItemBank.load(factory.bank, warn=False)
     names = config["models"].get("names") or [Path(p).name for p in config["models"]["endpoints"]]
-    recipes = _recipes([m for m in methods if m != "c2m3"], names, same_task)
+    recipes = _recipes([] if same_task else methods, names, same_task)
     log(f"scoring {len(recipes)} baseline recipes on every item ({len(bank.search_indices)} search, "
         f"{len(bank.test_indices)} test)")
     every_item = tuple(range(len(bank)))
@@ -173,4 +177,5 @@ def best_recipe(rows: list[Baseline]) -> Baseline | None:
     return max(merges, key=lambda r: r.mean, default=None)
 
 
-__all__ = ["Baseline", "baselines", "best_per_method", "best_recipe", "full_bank_factory"]
+__all__ = ["DEFAULT_METHODS", "Baseline", "baselines", "best_per_method", "best_recipe", "full_bank_factory", "grid",
+           "same_task_method"]

@@ -22,9 +22,9 @@ import pandas as pd
 
 from merge3._errors import Merge3Error
 from merge3.itembank import ItemBank
-from merge3.methods import ROW_BLOCKS, is_row_blocks, mean_weight
+from merge3.methods import ROW_BLOCKS, is_row_blocks, mean_weight, registered
 from merge3.runs._baselines import baselines as score_baselines
-from merge3.runs._baselines import best_per_method
+from merge3.runs._baselines import best_per_method, same_task_method
 from merge3.runs._run import Run
 
 FORMATS = ("table", "csv", "markdown", "json", "html")
@@ -118,7 +118,7 @@ def _baseline_rows(runs: Sequence[Run], log: Callable[[str], None]) -> list[dict
     for run in runs:
         config = run.config
         models = config["models"]
-        same_task = "c2m3" in config["genome"]["methods"]
+        same_task = same_task_method(config)
         group = (config["bank"]["path"], models.get("base"), tuple(models["endpoints"]), same_task)
         if group in done:
             continue
@@ -290,9 +290,8 @@ def print_leaderboard(frame: pd.DataFrame, console, task: str | None = None) -> 
 
 
 def _short_methods(methods: str) -> str:
-    from merge3.runs._baselines import LABEL
-
-    for name, label in sorted(LABEL.items(), key=lambda kv: -len(kv[0])):
+    labels = {name: m.label for name, m in registered().items()}
+    for name, label in sorted(labels.items(), key=lambda kv: -len(kv[0])):
         methods = methods.replace(name, label)
     return re.sub(r" \(all (\d+) groups\)", r" ×\1", methods)
 

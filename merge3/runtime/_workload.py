@@ -19,15 +19,7 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.itembank import ItemBank, load_model_for, make_evaluator
-from merge3.methods import (
-    CandidateBuilder,
-    align_to_universe,
-    c2m3,
-    layer_groups,
-    layer_index,
-    mlp_spec,
-    plans_from_choices,
-)
+from merge3.methods import CandidateBuilder, get_method, layer_groups, plans_from_choices, registered
 from merge3.models import (
     check_compatible,
     check_finite,
@@ -83,12 +75,19 @@ class MergeWorkloadFactory:
         factory._derive()
         return factory
 
+    @property
+    def same_task(self):
+        """The same-task method (C2M3) this search uses, or None for task-vector methods."""
+        return next((m for m in map(get_method, self.methods) if m.same_task), None)
+
     def _derive(self) -> None:
-        same_task = "c2m3" in self.methods
+        same_task = self.same_task
         if same_task and len(self.methods) > 1:
-            raise Merge3Error("genome.methods: 'c2m3' aligns same-task models and cannot be mixed with other methods")
+            raise Merge3Error(f"genome.methods: '{same_task.name}' aligns same-task models and cannot be mixed with "
+                              "other methods")
         if self.base is None and not same_task:
-            raise Merge3Error("models.base is required for task-vector methods (omit it only for c2m3)")
+            same = ", ".join(sorted(n for n, m in registered().items() if m.same_task))
+            raise Merge3Error(f"models.base is required for task-vector methods (omit it only for {same})")
         reference = open_lazy(self.base or self.endpoints[0])
         others = [open_lazy(p) for p in self.endpoints]
         check_compatible(reference, others, names=self.endpoints, reference_name=self.base or self.endpoints[0])
@@ -125,24 +124,14 @@ class MergeWorkloadFactory:
         for path, sd in zip([self.base, *self.endpoints], [base, *endpoints]):
             if sd is not None:
                 check_finite(sd, path)
-        if "c2m3" in self.methods:
-            # align once into the shared universe; candidates are then weighted averages of the aligned models
-            spec = _mlp_spec_of(endpoints[0])
-            result = c2m3(endpoints, spec, seed=self.seed)
-            endpoints = align_to_universe(endpoints, spec, result.permutations)
+        same_task = self.same_task
+        if same_task is not None:
+            # align once into the shared space; candidates are then weighted averages of the aligned models
+            endpoints = same_task.align(endpoints, seed=self.seed)
         return {"base": base, "endpoints": endpoints}
 
     def build(self, inputs: dict[str, Any]) -> MergeWorkload:
         return MergeWorkload(self, inputs)
-
-
-def _mlp_spec_of(state_dict: dict[str, torch.Tensor]):
-    """The permutation spec of an MLP saved in any key order (safetensors sorts names: bias before weight)."""
-    layers = sorted((k[: -len(".weight")] for k, t in state_dict.items() if k.endswith(".weight") and t.dim() == 2),
-                    key=lambda prefix: layer_index(prefix + ".") or 0)
-    if not layers:
-        raise Merge3Error("c2m3: the models have no linear layers to align")
-    return mlp_spec(layers, bias=all(f"{p}.bias" in state_dict for p in layers))
 
 
 class MergeWorkload:
@@ -155,12 +144,14 @@ class MergeWorkload:
         if self.module is None:
             raise Merge3Error(f"'{template}' has no config.json: the search needs a runnable model folder")
         self.builder = CandidateBuilder(inputs["base"], inputs["endpoints"], device=self.device)
-        self.builder.precompute(factory.methods, seeds=[0])
+        same_task = factory.same_task
+        # a same-task method's inputs are aligned: a candidate is its candidate_method (an average) of them
+        self._method_alias = {same_task.name: same_task.candidate_method} if same_task else {}
+        self.builder.precompute([self._method_alias.get(m, m) for m in factory.methods], seeds=[0])
         self.destination = _destination(self.module, self.builder.keys)
         self.model_bytes = sum(t.numel() * t.element_size() for t in self.destination.values())
         self.evaluator = make_evaluator(self.bank, device=self.device, tokenizer_from=template)
         self.search_items = self.bank.search_indices
-        self._method_alias = {"c2m3": "linear"}  # c2m3 inputs are already aligned: a candidate is their average
 
     def evaluate(self, request: EvalRequest | list[dict]) -> CandidateResult:
         """Build the candidate in place, answer its items; ``scores`` = the plain mean per task of those answers."""

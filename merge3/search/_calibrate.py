@@ -20,7 +20,7 @@ import torch
 
 from merge3._errors import Merge3Error
 from merge3.itembank import Estimator, ItemBank
-from merge3.methods import MERGES_REVISION
+from merge3.methods import MERGES_REVISION, get_method
 from merge3.models import atomic_dir, file_sha256, weight_files
 from merge3.runtime import EvalRequest
 from merge3.runtime import MergeWorkloadFactory
@@ -131,7 +131,7 @@ def response_matrix_for(bank: ItemBank, base: str, endpoints: list[str], names: 
     groups = list(factory.groups)
     n_models = len(endpoints)
     genome = Genome(groups, settings.methods, n_models, weight_range=settings.weight_range,
-                    fixed={"dare.seed": settings.seed} if "dare" in settings.methods else None)
+                    fixed={f"{m}.seed": settings.seed for m in settings.methods if "seed" in get_method(m).params})
     workload = factory.build(factory.load_inputs())
     rng = np.random.default_rng(settings.seed)
     recipes = genome.recipes(settings.recipe_scales)

@@ -6,7 +6,9 @@ For every layer group g there is
   with ``row_blocks = K > 1``, K weights ``g|w<i>.<j>``, one per contiguous block of each tensor's rows (output
   neurons), which gives the search coefficients finer than a layer;
 - ``g|<method>.<param>``: each continuous parameter of each allowed method (density, drop_rate, alpha, …), within the
-  registry's search range unless the space overrides it.
+  registry's search range unless the space overrides it;
+- ``g|<method>.<param>.<i>``: with ``per_model=["ties.densities"]``, one gene per endpoint for a per-model parameter
+  (each endpoint its own density, as Sakana-style and MERGE³ genomes tune it) instead of the shared one it overrides.
 
 A genome is a flat ``dict[str, float | str]``, which is what pymoo's mixed-variable algorithms and Optuna both speak.
 Variables of methods a group did not choose are carried but ignored, so crossover can switch a method back on.
@@ -22,10 +24,6 @@ from typing import Any
 from merge3._errors import Merge3Error
 from merge3.methods import ROW_BLOCKS, get_method
 
-# Parameters that the per-endpoint weights already express, so evolving them too would only add redundancy. Not
-# TIES's scale: its disjoint mean divides by the weights' sum, so the weights set only the tasks' balance and the
-# strength needs its own gene.
-_REDUNDANT = {"task_arithmetic": {"scale"}, "dare": {"scale"}, "tsv_merge": {"alpha"}, "linear": {"scale"}}
 SEP = "|"
 
 
@@ -72,6 +70,7 @@ class Genome:
         ranges: Mapping[str, tuple[float, float]] | None = None,
         fixed: Mapping[str, Any] | None = None,
         row_blocks: int = 1,
+        per_model: Sequence[str] = (),
     ):
         if not groups:
             raise Merge3Error("genome: no layer groups (does the base model have floating-point weights?)")
@@ -79,7 +78,9 @@ class Genome:
             raise Merge3Error(f"genome.row_blocks: must be at least 1, got {row_blocks}")
         self.groups, self.methods, self.n_models, self.row_blocks = list(groups), list(methods), n_models, row_blocks
         self.fixed = dict(fixed or {})
-        self._evolved = {m: self._evolved_params(m, dict(ranges or {})) for m in self.methods}
+        self._per_model = self._per_model_params(self.methods, per_model)
+        self._evolved = {m: self._evolved_params(m, dict(ranges or {}), self._per_model.get(m, {}))
+                         for m in self.methods}
         self._weighted = {m for m in self.methods if "weights" in get_method(m).params}
         unknown = sorted(set(ranges or {}) - {f"{m}.{p}" for m, ps in self._evolved.items() for p in ps})
         if unknown:
@@ -93,14 +94,35 @@ class Genome:
                     self.variables[name] = Real(*weight_range)
             for m, params in self._evolved.items():
                 for p, (low, high) in params.items():
-                    self.variables[f"{g}{SEP}{m}.{p}"] = Real(low, high)
+                    for i in range(n_models) if p in self._per_model.get(m, {}) else [None]:
+                        self.variables[f"{g}{SEP}{m}.{p}" + ("" if i is None else f".{i}")] = Real(low, high)
 
     @staticmethod
-    def _evolved_params(method: str, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    def _per_model_params(methods: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, str]]:
+        """method → {per-model parameter: the shared one it replaces}, for each 'method.param' of ``per_model``."""
+        out: dict[str, dict[str, str]] = {}
+        for name in names:
+            method, _, param = name.partition(".")
+            spec = get_method(method).params.get(param) if method in methods else None
+            if spec is None or spec.kind != "per_model" or spec.overrides is None:
+                options = [f"{m}.{p.name}" for m in methods for p in get_method(m).params.values() if p.overrides]
+                raise Merge3Error(f"genome.per_model: '{name}' is not a per-model parameter of genome.methods "
+                                  f"(options: {', '.join(options) or 'none'})")
+            out.setdefault(method, {})[param] = spec.overrides
+        return out
+
+    @staticmethod
+    def _evolved_params(method: str, ranges: dict[str, tuple[float, float]],
+                        per_model: Mapping[str, str]) -> dict[str, tuple[float, float]]:
         spec = get_method(method)
         out = {}
         for name, param in spec.params.items():
-            if param.kind != "float" or param.bounds is None or name in _REDUNDANT.get(method, ()):
+            if name in per_model:
+                param = spec.params[per_model[name]]  # evolved within the shared parameter's range
+            elif name in per_model.values():
+                continue  # replaced by one gene per endpoint
+            # parameters the per-endpoint weights already express (a method's `redundant`) would only add redundancy
+            if param.kind != "float" or param.bounds is None or name in spec.redundant:
                 continue
             key = f"{method}.{name}"
             low, high = ranges.get(key, param.bounds.search_range)
@@ -116,7 +138,10 @@ class Genome:
         plan = []
         for g in self.groups:
             method = str(genome[f"{g}{SEP}method"]) if len(self.methods) > 1 else self.methods[0]
-            params: dict[str, Any] = {p: float(genome[f"{g}{SEP}{method}.{p}"]) for p in self._evolved[method]}
+            per_model = self._per_model.get(method, {})
+            params: dict[str, Any] = {
+                p: [float(genome[f"{g}{SEP}{method}.{p}.{i}"]) for i in range(self.n_models)] if p in per_model
+                else float(genome[f"{g}{SEP}{method}.{p}"]) for p in self._evolved[method]}
             if method in self._weighted:
                 params["weights"] = [self._weight(genome, g, i) for i in range(self.n_models)]
             params.update({k.split(".", 1)[1]: v for k, v in self.fixed.items() if k.startswith(f"{method}.")})
@@ -147,7 +172,7 @@ class Genome:
         for method in self.methods:
             own_scale = f"{method}.scale"
             for scale in scales:
-                genome, weight = self.midpoint(), 1.0 if "scale" in self._evolved[method] else scale
+                genome, weight = self.midpoint(), 1.0 if get_method(method).own_strength else scale
                 for name, variable in self.variables.items():
                     if name.endswith(f"{SEP}method"):
                         genome[name] = method

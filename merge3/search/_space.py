@@ -142,6 +142,9 @@ class GenomeConfig(_Strict):
     row_blocks: int = Field(1, ge=1, le=1024, description="weights per group and endpoint, one per block of rows")
     params: dict[str, Range] = Field(default_factory=dict, description="'method.param' → search range override")
     fixed: dict[str, Any] = Field(default_factory=dict, description="'method.param' → fixed value (e.g. dare.seed)")
+    per_model: list[str] = Field(default_factory=list,
+                                 description="'method.param' per-model parameters with one gene per endpoint "
+                                             "(e.g. ties.densities)")
 
     @field_validator("fixed")
     @classmethod

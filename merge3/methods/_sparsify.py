@@ -1,0 +1,183 @@
+"""The pieces the sparsifying methods (TIES, DARE, DELLA, Breadcrumbs) are made of: magnitude ranks and thresholds,
+seeded uniform draws, trimming, and TIES' sign election with the disjoint mean.
+
+What does not depend on a candidate's coefficients is kept in ``MergeInputs``' cache when the builder asks for it:
+each task vector's magnitudes sorted once (a threshold for any density is then an index) and the uniform draws of a
+seed (a random mask for any drop rate is then a comparison).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from merge3.methods._inputs import MergeInputs
+
+
+def keep_count(density: float, n: int) -> int | None:
+    """How many of n entries a per-tensor trim at ``density`` keeps (mergekit: ``max(1, int(density·n))``, none at
+    density ≤ 0); None means all of them (density ≥ 1)."""
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending; on CPU in place through numpy, since torch.sort would also return int64 indices
+    (three times the memory of the magnitudes, for a whole model under ``trim="model"``)."""
+    if x.device.type == "cpu":
+        x.numpy().sort(axis=1)
+        return x
+    return torch.sort(x, dim=1).values
+
+
+def sorted_magnitudes(inputs: MergeInputs, key: str) -> torch.Tensor:
+    """|τ_t| of ``key``, each task's row sorted ascending (T × n), cached by the builder."""
+    return inputs.remember(("sorted", key), lambda: _sorted_rows(inputs.deltas(key).reshape(inputs.n_models, -1).abs()))
+
+
+def kth_smallest(inputs: MergeInputs, key: str, kth: Sequence[int]) -> torch.Tensor:
+    """The ``kth[t]``-smallest (1-based) magnitude of each task's vector of ``key``: a lookup in the sorted rows when
+    the builder caches them, else a selection per task."""
+    if inputs.caching:
+        ordered = sorted_magnitudes(inputs, key)
+        return ordered[torch.arange(len(kth), device=ordered.device), torch.tensor(kth, device=ordered.device) - 1]
+    magnitudes = inputs.deltas(key).reshape(inputs.n_models, -1).abs()
+    return torch.stack([torch.kthvalue(magnitudes[t], k).values for t, k in enumerate(kth)])
+
+
+def trim_thresholds(inputs: MergeInputs, key: str, densities: Sequence[float]) -> torch.Tensor | None:
+    """Per-task magnitude threshold keeping the top ``max(1, int(density_t·n))`` entries of task t's vector
+    (mergekit's per-tensor trim, one density per model); 0 keeps a task whole, inf drops it; None keeps everything."""
+    n = int(np.prod(inputs.shape(key)))
+    counts = [keep_count(float(d), n) for d in densities]
+    if all(k is None for k in counts):
+        return None
+    partial = [t for t, k in enumerate(counts) if k]
+    out = torch.zeros(inputs.n_models, device=inputs.deltas(key).device)
+    if partial:
+        out[partial] = kth_smallest(inputs, key, [n - counts[t] + 1 for t in partial]).to(out.device)
+    out[[t for t, k in enumerate(counts) if k == 0]] = float("inf")
+    return out
+
+
+def global_thresholds(inputs: MergeInputs, keys: Sequence[str], densities: Sequence[float]) -> torch.Tensor | None:
+    """Per-task threshold over all ``keys`` flattened together, as the official TIES code: with D entries,
+    ``thr_t = kthvalue(|τ_t|, D − int(D·density_t))`` and entries with ``|τ_t| ≥ thr_t`` are kept."""
+    if all(d >= 1 for d in densities) or not keys:
+        return None
+    device = inputs.deltas(keys[0]).device
+
+    def magnitudes():
+        return torch.cat([inputs.deltas(k).reshape(inputs.n_models, -1).abs().to(device) for k in keys], dim=1)
+
+    total = sum(int(np.prod(inputs.shape(k))) for k in keys)
+    kth = [total - int(total * min(float(d), 1.0)) for d in densities]
+    if inputs.caching:
+        ordered = inputs.remember(("sorted_global", tuple(keys)), lambda: _sorted_rows(magnitudes()))
+        values = [ordered[t, k - 1] if k > 0 else ordered.new_zeros(()) for t, k in enumerate(kth)]
+    else:
+        every = magnitudes()
+        values = [torch.kthvalue(every[t], k).values if k > 0 else every.new_zeros(()) for t, k in enumerate(kth)]
+    return torch.stack(values)
+
+
+def magnitude_thresholds(deltas: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Per-task threshold that keeps the top ``max(1, int(density·n))`` magnitudes of each row of modified task
+    vectors (``trim_thresholds`` is the cached equivalent for the unmodified ones)."""
+    n = deltas[0].numel()
+    k = keep_count(density, n)
+    if k is None:
+        return None
+    if k == 0:
+        return torch.full((deltas.shape[0],), float("inf"), device=deltas.device)
+    return torch.kthvalue(deltas.reshape(deltas.shape[0], -1).abs(), n - k + 1, dim=1).values
+
+
+def trim_into(work: torch.Tensor, deltas: torch.Tensor, thresholds: torch.Tensor | None,
+              weights: Sequence[float]) -> torch.Tensor:
+    """``work[t] = w_t · deltas[t] · (|deltas[t]| ≥ thr_t)``: trimmed, weighted task vectors, in place.
+
+    ``thresholds`` None keeps everything. The trim is a hard shrink at the largest float below the threshold, which
+    keeps exactly the entries with ``|x| ≥ thr`` in one pass (a bool mask times a float tensor takes ten).
+    """
+    for t, w in enumerate(weights):
+        if thresholds is None or float(thresholds[t]) <= 0:
+            torch.mul(deltas[t], w, out=work[t])
+            continue
+        below = float(torch.nextafter(thresholds[t].float(), torch.tensor(-float("inf"), device=thresholds.device)))
+        torch.ops.aten.hardshrink.out(deltas[t], below, out=work[t])
+        work[t].mul_(w)
+    return work
+
+
+def elect_and_merge(inputs: MergeInputs, work: torch.Tensor, weights: Sequence[float], normalize: bool,
+                    tie_sign: float | None, out: torch.Tensor) -> torch.Tensor:
+    """TIES steps 2–3 on ``work``, the T × shape trimmed and weighted task vectors (overwritten), into ``out``.
+
+    Weighted entries vote with their sum; each entry keeps only the values of the elected sign (zeros never count)
+    and, with ``normalize``, divides by the sum of the weights that agreed (the disjoint mean). Entries whose sum is
+    exactly 0 take ``tie_sign``; None: the sign most entries of this tensor elected (−1 on a draw, as the official
+    code, whose fallback is the sign of the sum of the elected signs).
+    """
+    shape, device = work.shape[1:], work.device
+    sign = inputs.scratch("ties.sign", shape, device=device)
+    tmp = inputs.scratch("ties.tmp", shape, device=device)
+    torch.sum(work, dim=0, out=out)
+    torch.sign(out, out=sign)
+    if tie_sign is None:
+        tie_sign = 1.0 if float(sign.sum()) > 0 else -1.0
+    # sign(sign(e) + tie/2) is sign(e) where e ≠ 0 and the tie sign where e = 0, without a bool mask
+    torch.sign(sign.add_(0.5 * tie_sign), out=sign)
+    divisor = tmp.zero_() if normalize else None
+    for t, w in enumerate(weights):
+        row = work[t].mul_(sign).clamp_(min=0.0)  # |value| where it agrees with the elected sign, else 0
+        if divisor is not None:
+            torch.sign(row, out=out)  # `out` is free until the final sum
+            divisor.addcmul_(out, w) if isinstance(w, torch.Tensor) else divisor.add_(out, alpha=w)
+    torch.sum(work, dim=0, out=out).mul_(sign)
+    if divisor is not None:
+        # mergekit's guard: a zero divisor divides by 1 (d + [d = 0]; `sign` is free now)
+        out.div_(divisor.add_(torch.eq(divisor, 0.0, out=sign)))
+    return out
+
+
+def dare_seed(seed: int, key: str, task: int) -> int:
+    """The generator seed of one (seed, tensor, task) triple: a key's random mask does not depend on which other
+    keys are merged with it, nor in which order, so group plans and full merges draw the same masks."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(key.encode()), int(task)]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def uniforms(inputs: MergeInputs, key: str, seed: int) -> torch.Tensor:
+    """Uniform [0, 1) draws of every task-vector entry of ``key`` for ``seed`` (T × shape); a random mask keeps the
+    entries with ``u ≥ p``. Drawn on the CPU by a generator seeded from (seed, key, task), so the masks are the same
+    on every device."""
+
+    def make():
+        shape = inputs.shape(key)
+        draws = torch.empty((inputs.n_models, *shape), dtype=torch.float32)
+        for t in range(inputs.n_models):
+            generator = torch.Generator().manual_seed(dare_seed(seed, key, t))
+            torch.rand(shape, generator=generator, out=draws[t])
+        return draws.to(inputs.deltas(key).device)
+
+    return inputs.remember(("uniforms", key, int(seed)), make)
+
+
+def l1_rescale_(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """mergekit's rescale of a masked task vector: multiply by ‖original‖₁ / ‖masked‖₁ (unchanged when either is
+    below ``eps``), in place."""
+    before, after = float(original.abs().sum()), float(masked.abs().sum())
+    if before >= eps and after >= eps:
+        masked.mul_(before / after)
+    return masked
+
+
+__all__ = ["dare_seed", "elect_and_merge", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
+           "magnitude_thresholds", "sorted_magnitudes", "trim_into", "trim_thresholds", "uniforms"]
