@@ -76,3 +76,44 @@ def test_the_check_finds_what_it_forbids(tmp_path, source, expected):
     finally:
         ROOT = saved
     assert len(found) == 1 and expected in found[0]
+
+
+def _name_tests(file: Path, names: set[str]):
+    """Comparisons of something called a method with a method's name: ``method == "ties"``, ``"c2m3" in methods``,
+    ``c["method"].startswith("dare")`` (an option such as ``combine == "ties"`` is not a method)."""
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        strings, subject = [], ""
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            strings = [n.value for n in operands if isinstance(n, ast.Constant)]
+            subject = " ".join(ast.unparse(n) for n in operands if not isinstance(n, ast.Constant))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "startswith":
+            strings = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            subject = ast.unparse(node.func.value)
+        if "method" not in subject:
+            continue
+        for value in strings:
+            if isinstance(value, str) and any(value == n or (len(value) > 3 and n.startswith(value)) for n in names):
+                yield f"{file.relative_to(ROOT)}:{node.lineno} tests a method's name ({value!r})"
+
+
+def test_no_module_tests_a_merge_methods_name_outside_its_own_declaration():
+    """What a method needs elsewhere (precompute, genes, recipes, mergekit form, same-task alignment) is declared
+    with it, so builder, genome, baselines, export and CLI never branch on its name."""
+    import inspect
+
+    from merge3.methods import registered
+
+    methods = {name: Path(inspect.getfile(m.fn)).resolve() for name, m in registered().items()}
+    found = []
+    for file in sorted((ROOT / "merge3").rglob("*.py")):
+        others = {name for name, home in methods.items() if home != file.resolve()}
+        found += list(_name_tests(file, others))
+    assert not found, "\n".join(found)
+    probe = ROOT / "tests" / "_probe_name_test.py"
+    try:
+        probe.write_text('def f(method, methods, p):\n    return (method == "ties" or "c2m3" in methods or '
+                         'p["method"].startswith("dare") or p["combine"] == "ties")\n')
+        assert len(list(_name_tests(probe, {"ties", "c2m3", "dare"}))) == 3  # the check finds what it forbids
+    finally:
+        probe.unlink()
