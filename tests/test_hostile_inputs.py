@@ -466,7 +466,7 @@ EVAL = [
     C("bank-is-a-file", "eval @base --bank @configjson", "has no bank.yaml"),
     C("bank-is-a-model", "eval @base --bank @a", "'@a' has no bank.yaml"),
     C("bank-head-missing", "eval @base --bank @no_head", "head file 'heads/a.safetensors'", "does not exist"),
-    C("bank-yaml-malformed", "eval @base --bank bank", "bank.yaml: not valid YAML",
+    C("bank-yaml-malformed", "eval @base --bank bank", "bank.yaml' is not valid YAML",
       setup=lambda a, w: (shutil.copytree(a["bank"], w / "bank"), (w / "bank" / "bank.yaml").write_text("name: [\n"))),
     C("bank-items-corrupt", "eval @base --bank bank", "cannot read items file", "items.parquet",
       setup=lambda a, w: (shutil.copytree(a["bank"], w / "bank"), (w / "bank" / "items.parquet").write_bytes(b"junk"))),
@@ -504,11 +504,11 @@ def test_inspect(case, assets, runner, tmp_path):
 
 # `search`: a bad space, bad models or a bad objective — nothing may be created (not even the runs folder)
 SEARCH = [
-    C("malformed-yaml", "search s.yaml --runs-dir runs", "s.yaml: not valid YAML", files={"s.yaml": "a: [1, 2\n"}),
-    C("yaml-is-a-list", "search s.yaml --runs-dir runs", "s.yaml: a search space is a mapping",
+    C("malformed-yaml", "search s.yaml --runs-dir runs", "s.yaml' is not valid YAML", files={"s.yaml": "a: [1, 2\n"}),
+    C("yaml-is-a-list", "search s.yaml --runs-dir runs", "s.yaml' must be a mapping",
       files={"s.yaml": "- a\n"}),
     C("empty-file", "search s.yaml --runs-dir runs", "field 'models': Field required", files={"s.yaml": ""}),
-    C("not-utf8", "search s.yaml --runs-dir runs", "s.yaml: not UTF-8", files={"s.yaml": b"name: x\n\xff\xfe\n"}),
+    C("not-utf8", "search s.yaml --runs-dir runs", "s.yaml' is not UTF-8", files={"s.yaml": b"name: x\n\xff\xfe\n"}),
     C("space-is-a-folder", "search @base --runs-dir runs", "is a folder"),
     C("space-missing", "search nothing.yaml --runs-dir runs", "search space 'nothing.yaml' does not exist"),
     C("unknown-field", "search s.yaml --runs-dir runs", "field 'colour'", files={"s.yaml": space(colour="red")}),

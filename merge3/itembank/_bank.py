@@ -43,6 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merge3._errors import Merge3Error, validation_message
+from merge3.models import read_yaml_mapping
 
 BANK_FILE = "bank.yaml"
 SPLITS = ("search", "test")
@@ -268,14 +269,10 @@ class ItemBank:
         spec_file = path / BANK_FILE
         if not spec_file.exists():
             raise Merge3Error(f"item bank '{path}' has no {BANK_FILE} (is this an item-bank folder?)")
+        raw = read_yaml_mapping(spec_file, "item bank file", "a mapping with tasks, items, evaluator, …",
+                                empty_ok=True)
         try:
-            raw = yaml.safe_load(spec_file.read_text())
-        except UnicodeDecodeError:
-            raise Merge3Error(f"{spec_file}: not a text file (bank.yaml must be UTF-8 YAML)") from None
-        except yaml.YAMLError as e:
-            raise Merge3Error(f"{spec_file}: not valid YAML: {str(e).splitlines()[0]}") from None
-        try:
-            spec = BankSpec.model_validate(raw or {})
+            spec = BankSpec.model_validate(raw)
         except ValidationError as e:
             raise Merge3Error(validation_message(e, str(spec_file))) from None
         items_file = path / spec.items

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import ValidationError
 
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank._bank import BankSpec, ItemBank, read_items, write_bank
+from merge3.models import read_yaml_mapping
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _BUILDERS = ("json", "csv", "parquet")  # lm-eval's `dataset_path: json` + local data_files
@@ -325,17 +325,13 @@ def _answer_index(answer, choices: list[str], where: str, names: Sequence[str] =
 
 def _load_yaml(path: Path, depth: int = 0) -> dict:
     """A task YAML with its ``include`` chain merged in (the including file wins)."""
-    if not path.is_file():
-        raise Merge3Error(f"task YAML '{path}' does not exist")
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        config = read_yaml_mapping(path, "task YAML", "a mapping of keys such as task, dataset_path, doc_to_text")
+    except Merge3Error as e:
         if "!function" in str(e):
-            raise Merge3Error(f"{path}: uses !function (Python code), which merge3 never runs: give doc_to_text, "
-                              "doc_to_choice and doc_to_target as Jinja templates or column names") from None
-        raise Merge3Error(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise Merge3Error(f"{path}: a task YAML must be a mapping of keys such as task, dataset_path, doc_to_text")
+            raise Merge3Error(f"{e}: give doc_to_text, doc_to_choice and doc_to_target as Jinja templates or "
+                              "column names") from None
+        raise
     include = config.pop("include", None)
     if include is None:
         return config

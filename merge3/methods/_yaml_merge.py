@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
 
@@ -69,19 +68,10 @@ class MergeConfig(BaseModel):
 
 def load_config(path: str | os.PathLike) -> MergeConfig:
     """Read and validate a merge config; a ``Merge3Error`` names the file and the first bad field."""
+    from merge3.models import read_yaml_mapping
+
     path = Path(path)
-    if path.is_dir():
-        raise Merge3Error(f"merge config '{path}' is a folder: give the YAML file")
-    if not path.is_file():
-        raise Merge3Error(f"merge config '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise Merge3Error(f"merge config '{path}' is not UTF-8 text (is it a YAML file?)") from None
-    except yaml.YAMLError as e:
-        raise Merge3Error(f"merge config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise Merge3Error(f"merge config '{path}' must be a mapping with merge_method, models, …")
+    data = read_yaml_mapping(path, "merge config", "a mapping with merge_method, models, …")
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:

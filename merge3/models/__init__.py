@@ -21,6 +21,7 @@ from merge3.models._io import (
     state_dict_sha256,
     weight_files,
     file_in_the_way,
+    read_yaml_mapping,
     write_text_atomic,
 )
 from merge3.models._tokenizers import check_same_tokenizer
@@ -59,5 +60,6 @@ __all__ = [
     "task_vectors",
     "weight_files",
     "file_in_the_way",
+    "read_yaml_mapping",
     "write_text_atomic",
 ]

@@ -305,6 +305,42 @@ def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
         raise
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str = "a mapping of keys",
+                      empty_ok: bool = False) -> dict:
+    """The YAML file ``path`` as a dict, read safely (``yaml.safe_load``: no tags that build objects or run code),
+    or one ``Merge3Error`` that calls the file ``what`` and says what is wrong with it (missing, a folder, not
+    UTF-8, not YAML, not a mapping: ``expected`` says what it should hold). ``empty_ok``: an empty file is ``{}``.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "space.yaml"
+    >>> _ = f.write_text("name: demo\\nseed: 3\\n")
+    >>> read_yaml_mapping(f, "search space")
+    {'name': 'demo', 'seed': 3}
+    """
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        raise Merge3Error(f"{what} '{path}' is a folder: give the YAML file")
+    if not path.is_file():
+        raise Merge3Error(f"{what} '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise Merge3Error(f"{what} '{path}' is not UTF-8 text (is it a YAML file?)") from None
+    except yaml.YAMLError as e:
+        if "!function" in str(e):  # lm-eval-harness' Python hook
+            raise Merge3Error(f"{what} '{path}' uses !function (Python code), which merge3 never runs") from None
+        raise Merge3Error(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise Merge3Error(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise Merge3Error(f"{what} '{path}' must be {expected}, got {type(data).__name__}")
+    return data
+
+
 def write_shards(state_dict: Mapping[str, torch.Tensor], folder: Path, max_shard_size: int | str = "2GB") -> dict:
     """Write ``state_dict`` as ``model-0000i-of-0000n.safetensors`` + index into an existing ``folder``."""
     max_bytes = parse_size(max_shard_size)

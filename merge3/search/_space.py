@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank import ONLINE_ESTIMATORS
+from merge3.models import read_yaml_mapping
 
 ESTIMATORS = ("full", *ONLINE_ESTIMATORS)  # "full": every search item, no estimator
 GRANULARITIES = ("layer", "block", "attn_mlp", "model")
@@ -230,18 +230,7 @@ class SearchSpace(_Strict):
 def load_space(path: str | os.PathLike, overrides: dict | None = None) -> SearchSpace:
     """Read and validate a search-space YAML; ``overrides`` (e.g. from the CLI) replace top-level keys."""
     path = Path(path)
-    if not path.exists():
-        raise Merge3Error(f"search space '{path}' does not exist")
-    if path.is_dir():
-        raise Merge3Error(f"search space '{path}' is a folder: give the YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except UnicodeDecodeError:
-        raise Merge3Error(f"{path}: not UTF-8 text (is it a YAML file?)") from None
-    except yaml.YAMLError as e:
-        raise Merge3Error(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise Merge3Error(f"{path}: a search space is a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "search space", empty_ok=True)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return parse_space(raw, str(path))
 
