@@ -468,12 +468,12 @@ def test_mismatched_shapes_raise_one_clear_error():
     a = _random_mlp(SIZES, gen)
     b = _random_mlp([12, 32, 20, 5], gen)
     spec = infer_mlp_spec(a)
-    msg = r"c2m3: tensor '2.weight' has shape \(20, 32\) in model 1 but \(24, 32\) in model 0"
+    msg = r"c2m3: model 1 has shapes that differ from model 0: '2.weight' 20×32 vs 24×32"
     with pytest.raises(Merge3Error, match=msg):
         c2m3([a, b], spec)
-    with pytest.raises(Merge3Error, match="weight_matching: tensor '2.weight' has shape"):
+    with pytest.raises(Merge3Error, match="weight_matching: model 1 has shapes that differ from model 0: '2.weight'"):
         weight_matching(a, b, spec)
-    with pytest.raises(Merge3Error, match="tensor 'extra' is only in model 1"):
+    with pytest.raises(Merge3Error, match="c2m3: model 1 does not match model 0: unexpected 'extra'"):
         c2m3([a, dict(a, extra=torch.zeros(1))], spec)
 
 

@@ -40,8 +40,9 @@ from typing import Annotated, Literal, Union
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from merge3._config import StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.models import read_yaml_mapping
 
@@ -55,11 +56,9 @@ class NoTestSplitWarning(UserWarning):
     """A bank without a test split: every score is on the items a search may have optimised."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
 
 
-class ClassifierSpec(_Strict):
+class ClassifierSpec(StrictConfig):
     """Items are feature vectors (column ``input``) scored by argmax of ``head(model(x))`` against ``answer``.
 
     ``heads`` maps each task to a safetensors file with ``weight``/``bias`` of a linear head; ``None`` means the
@@ -71,7 +70,7 @@ class ClassifierSpec(_Strict):
     batch_size: int = Field(1024, gt=0)
 
 
-class MultipleChoiceSpec(_Strict):
+class MultipleChoiceSpec(StrictConfig):
     """Causal LM: the choice (column ``choices``) with the highest summed log-likelihood after ``prompt`` wins."""
 
     kind: Literal["multiple_choice"]
@@ -79,7 +78,7 @@ class MultipleChoiceSpec(_Strict):
     batch_size: int = Field(16, gt=0)
 
 
-class GenerationSpec(_Strict):
+class GenerationSpec(StrictConfig):
     """Causal LM: greedy generation after ``prompt``, exact match (after strip) with ``answer``."""
 
     kind: Literal["generation"]
@@ -92,7 +91,7 @@ class GenerationSpec(_Strict):
 Normalize = Literal["strip", "lower", "number"]
 
 
-class GenerationSettings(_Strict):
+class GenerationSettings(StrictConfig):
     """One task's overrides of a causal-LM bank's generation settings (unset fields: the bank's own)."""
 
     max_new_tokens: int | None = Field(None, gt=0)
@@ -100,7 +99,7 @@ class GenerationSettings(_Strict):
     normalize: Normalize | None = None
 
 
-class CausalLMSpec(_Strict):
+class CausalLMSpec(StrictConfig):
     """Causal LM, mixed items: column ``format`` says per item how it is scored.
 
     - ``multiple_choice``: the choice (column ``choices``, a list of ≥ 2 strings) with the highest Σ log p(choice
@@ -135,7 +134,7 @@ class CausalLMSpec(_Strict):
                 own.normalize or self.normalize)
 
 
-class TextClassifierSpec(_Strict):
+class TextClassifierSpec(StrictConfig):
     """Text encoder + one frozen linear head per task over sentence embeddings (column ``text``).
 
     The embedding is the mean of the encoder's last hidden states over the attention mask (sentence-transformers'
@@ -160,7 +159,7 @@ EvaluatorSpec = Annotated[
 ]
 
 
-class SplitSpec(_Strict):
+class SplitSpec(StrictConfig):
     """How the search/test split of a bank was made: ``stratified`` (a seeded ``test_fraction`` of each task) or
     ``column`` (given with the items, e.g. a zoo that holds out the same source images in every task)."""
 
@@ -171,7 +170,7 @@ class SplitSpec(_Strict):
     description: str = ""
 
 
-class BankSpec(_Strict):
+class BankSpec(StrictConfig):
     name: str
     description: str = ""
     tasks: list[str] = Field(min_length=1)

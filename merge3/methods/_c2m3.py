@@ -31,7 +31,7 @@ from merge3.methods._permutation_spec import (
     Perms,
     StateDict,
     apply_permutations,
-    check_compatible,
+    check_spec_fits,
     conv_bn_spec,
     infer_mlp_spec,
     mlp_spec,
@@ -129,7 +129,7 @@ def weight_matching(
     >>> all(torch.equal(apply_permutations(b, spec, found)[k], a[k]) for k in a)
     True
     """
-    sizes = check_compatible([model_a, model_b], spec, "weight_matching")
+    sizes = check_spec_fits([model_a, model_b], spec, "weight_matching")
     if max_iter < 1:
         raise Merge3Error(f"weight_matching: max_iter must be at least 1, got {max_iter}")
     a = {k: model_a[k].detach().double() for k in spec.axes_to_perm}
@@ -241,7 +241,7 @@ def c2m3(
     if not models:
         raise Merge3Error("c2m3: need at least one model")
     spec = spec if spec is not None else _infer_spec(models[0], "c2m3")
-    sizes = check_compatible(models, spec, "c2m3")
+    sizes = check_spec_fits(models, spec, "c2m3")
     if init not in ("identity", "sinkhorn"):
         raise Merge3Error(f"c2m3: init must be 'sinkhorn' or 'identity', got {init!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
@@ -620,7 +620,7 @@ def rebasin_average(
     if not models:
         raise Merge3Error("rebasin_average: need at least one model")
     spec = spec if spec is not None else _infer_spec(models[0], "rebasin_average")
-    check_compatible(models, spec, "rebasin_average")
+    check_spec_fits(models, spec, "rebasin_average")
     aligned = [dict(models[0])] + [
         apply_permutations(model, spec, weight_matching(models[0], model, spec, max_iter=max_iter, seed=seed))
         for model in models[1:]

@@ -83,26 +83,19 @@ class PermutationSpec:
         return sizes
 
 
-def check_compatible(
+def check_spec_fits(
     models: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, method: str
 ) -> dict[str, int]:
-    """Check that all models have the same tensors and shapes and that ``spec`` fits them; return the group sizes."""
+    """Same tensors and shapes in every model (``merge3.models.check_compatible``) and a ``spec`` that fits them;
+    return the group sizes. Errors start with ``method``."""
+    from merge3.models import check_compatible
+
     if not models:
         raise Merge3Error(f"{method}: need at least one model")
-    ref = models[0]
-    for m, model in enumerate(models[1:], start=1):
-        missing = sorted(set(ref) ^ set(model))
-        if missing:
-            where = "model 0" if missing[0] in ref else f"model {m}"
-            raise Merge3Error(f"{method}: tensor '{missing[0]}' is only in {where} (models 0 and {m} differ)")
-        for key, tensor in ref.items():
-            if model[key].shape != tensor.shape:
-                raise Merge3Error(
-                    f"{method}: tensor '{key}' has shape {tuple(model[key].shape)} in model {m} "
-                    f"but {tuple(tensor.shape)} in model 0"
-                )
     try:
-        return spec.sizes(ref, who="the models")
+        check_compatible(models[0], models[1:], [f"model {m}" for m in range(1, len(models))],
+                         reference_name="model 0", check_dtypes=False)
+        return spec.sizes(models[0], who="the models")
     except Merge3Error as err:
         raise Merge3Error(f"{method}: {err}") from None
 

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from safetensors.torch import save_file
 
+from merge3._config import StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._kernels import Sink, run_method
@@ -47,16 +48,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _IGNORED = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
+class ModelEntry(StrictConfig):
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(StrictConfig):
     """A merge config; unknown fields are refused with their name."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
     merge_method: str
     base_model: Optional[str] = None
     models: list[ModelEntry] = Field(min_length=1)

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from merge3._config import StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank import ONLINE_ESTIMATORS
 from merge3.models import read_yaml_mapping
@@ -17,11 +18,9 @@ ESTIMATORS = ("full", *ONLINE_ESTIMATORS)  # "full": every search item, no estim
 GRANULARITIES = ("layer", "block", "attn_mlp", "model")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number a config holds is finite
 
 
-class ModelsConfig(_Strict):
+class ModelsConfig(StrictConfig):
     """``base`` (omit for same-task C2M3 spaces) and the endpoint models, as local paths."""
 
     base: str | None = None
@@ -38,7 +37,7 @@ class ModelsConfig(_Strict):
         return self.names or [Path(p).name for p in self.endpoints]
 
 
-class AdaptiveConfig(_Strict):
+class AdaptiveConfig(StrictConfig):
     """Adaptive testing: ``start`` random items per task, then ``batch`` per task chosen where they cut the
     variance of the task's estimate most, until its standard error ≤ ``target_se`` or ``n_max`` items per task."""
 
@@ -55,7 +54,7 @@ class AdaptiveConfig(_Strict):
         return self
 
 
-class PromotionConfig(_Strict):
+class PromotionConfig(StrictConfig):
     """Successive halving on items: after each generation the best ``top_k`` candidates answer ``factor``× more
     search items per task (rung 1), the best ``top_k/factor`` of those ``factor``² (rung 2), … ``rungs`` times.
     With ``ucb``, a candidate whose estimate + ucb·SE reaches the run's incumbent is promoted too (at most top_k).
@@ -70,7 +69,7 @@ class PromotionConfig(_Strict):
                               "first-fidelity one, so all of a generation compare at one fidelity")
 
 
-class RecalibrationConfig(_Strict):
+class RecalibrationConfig(StrictConfig):
     """Online recalibration: every ``every`` generations the IRT item parameters are refitted on the calibration
     answers plus every answer the search's candidates gave, warm-started (``em_rounds`` EM rounds)."""
 
@@ -78,7 +77,7 @@ class RecalibrationConfig(_Strict):
     em_rounds: int = Field(4, ge=1, le=30)
 
 
-class FitnessConfig(_Strict):
+class FitnessConfig(StrictConfig):
     """Which items a candidate answers and how the answers become an estimate (see ``merge3.search._fitness``)."""
 
     items: Literal["fixed", "fresh", "adaptive"] = Field(
@@ -97,7 +96,7 @@ class FitnessConfig(_Strict):
     z: float = Field(1.0, gt=0)
 
 
-class BankConfig(_Strict):
+class BankConfig(StrictConfig):
     path: str
     items_per_task: int | None = Field(20, gt=0, description="items each candidate answers per task; null = all")
     subset: Literal["random", "anchor"] = "random"
@@ -122,7 +121,7 @@ class BankConfig(_Strict):
         return self
 
 
-class Range(_Strict):
+class Range(StrictConfig):
     low: float
     high: float
 
@@ -133,7 +132,7 @@ class Range(_Strict):
         return self
 
 
-class GenomeConfig(_Strict):
+class GenomeConfig(StrictConfig):
     """What evolves: per layer group, a method choice and that method's continuous parameters."""
 
     granularity: Literal[GRANULARITIES] = "block"  # type: ignore[valid-type]
@@ -174,7 +173,7 @@ class GenomeConfig(_Strict):
         return value
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictConfig):
     name: Literal["pymoo", "optuna", "cmaes"] = "pymoo"
     algorithm: Literal["auto", "ga", "nsga2", "tpe", "cmaes", "random"] = "auto"
     population: int = Field(16, ge=2)
@@ -183,7 +182,7 @@ class EngineConfig(_Strict):
     seed_recipes: bool = Field(True, description="start from the uniform recipes (each method × a few scales)")
 
 
-class ExecutorConfig(_Strict):
+class ExecutorConfig(StrictConfig):
     kind: Literal["local", "ray"] = "local"
     actors: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
@@ -192,7 +191,7 @@ class ExecutorConfig(_Strict):
     max_retries: int = Field(2, ge=0)
 
 
-class SearchSpace(_Strict):
+class SearchSpace(StrictConfig):
     """A whole search: what to merge, how to score it, what evolves and how.
 
     >>> space = SearchSpace.model_validate({"name": "x", "models": {"endpoints": ["a"]}, "bank": {"path": "b"}})

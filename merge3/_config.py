@@ -1,0 +1,28 @@
+"""One base for every user-facing config (search spaces, item banks, merge configs): strict, frozen, finite.
+
+Unknown fields are refused with their name (a typo never silently does nothing), every number must be finite, and a
+validated config cannot be changed afterwards (what was checked is what runs). ``validation_message`` turns pydantic's
+error into merge3's one line that names the field.
+"""
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictConfig(BaseModel):
+    """A frozen pydantic model that forbids unknown fields and non-finite numbers.
+
+    >>> class Engine(StrictConfig):
+    ...     population: int = 8
+    >>> Engine(population=4).population
+    4
+    >>> try:
+    ...     Engine(populaton=4)
+    ... except ValueError as e:
+    ...     print(e.errors()[0]["type"])
+    extra_forbidden
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+__all__ = ["StrictConfig"]
