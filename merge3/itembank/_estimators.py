@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from merge3._errors import Merge3Error
+from merge3.models import plain
 from merge3.itembank._irt import (
     DIMS_GRID,
     IRTModel,
@@ -49,7 +50,6 @@ from merge3.itembank._irt import (
     _check_kind,
     _defaults,
     _fit_map,
-    _jsonable,
     _split_subjects,
     _to_model,
     _warn_constant_items,
@@ -411,8 +411,8 @@ class Estimator:
             "endpoint_theta": None if self.endpoint_theta is None else self.endpoint_theta.tolist(),
             "subsets": [s.to_json() for s in self.subsets.values()],
             "constants": [{"subset": k[0], "n": k[1], **v} for k, v in self.constants.items()],
-            "diagnostics": _jsonable(self.diagnostics),
-            "metadata": _jsonable(self.metadata),
+            "diagnostics": plain(self.diagnostics, nonfinite_as_none=True),
+            "metadata": plain(self.metadata, nonfinite_as_none=True),
         }
         tmp = folder / "estimator.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))

@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank._bank import BankSpec, ItemBank, read_items, write_bank
-from merge3.models import read_yaml_mapping
+from merge3.models import plain, read_yaml_mapping
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _BUILDERS = ("json", "csv", "parquet")  # lm-eval's `dataset_path: json` + local data_files
@@ -234,19 +234,8 @@ def _file_rows(source: FileTask) -> list[dict]:
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
-    return [{k: _plain(v) for k, v in record.items()} for record in frame.to_dict("records")]
-
-
-def _plain(value):
-    """A cell as plain Python: pandas gives numpy arrays for list columns (and dicts of them for struct columns),
-    which Jinja would render as ``['a' 'b']`` and ``ast.literal_eval`` could not read back."""
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value.item() if isinstance(value, np.generic) else value
+    # pandas gives numpy arrays for list columns, which Jinja would render as ['a' 'b']
+    return [plain(record) for record in frame.to_dict("records")]
 
 
 def _text(value) -> str:

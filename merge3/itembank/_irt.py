@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from merge3._errors import Merge3Error
-from merge3.models import write_text_atomic
+from merge3.models import plain, write_text_atomic
 
 LOGIT_CLIP = 30.0
 KINDS = ("1pl", "2pl", "mirt")
@@ -315,8 +315,8 @@ class IRTModel:
             "item_ids": list(self.item_ids),
             "tasks": [str(t) for t in self.tasks],
             "subject_ids": None if self.subject_ids is None else list(self.subject_ids),
-            "diagnostics": _jsonable(self.diagnostics),
-            "metadata": _jsonable(self.metadata),
+            "diagnostics": plain(self.diagnostics, nonfinite_as_none=True),
+            "metadata": plain(self.metadata, nonfinite_as_none=True),
         }
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -366,22 +366,6 @@ class IRTModel:
                 f"accuracy error {s['heldout_acc_error']:.4f}"
             )
         return "\n".join(lines)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    return x
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from merge3._config import StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.methods._inputs import MergeInputs
+from merge3.models import plain
 from merge3.methods._kernels import Sink, run_method
 from merge3.methods._mergekit import mergekit_methods, per_model_keys, per_model_params
 from merge3.methods._params import layer_positions
@@ -295,14 +296,6 @@ def _inputs_record(path: Path) -> dict:
     return {"path": str(path), "files": [{"name": f.name, "sha256": file_sha256(f)} for f in weight_files(path)]}
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _manifest(config: MergeConfig, method: str, params: dict, base_path: Path | None, model_paths: list[Path],
               shards: list[str], copied: list[str]) -> dict:
     import merge3
@@ -313,11 +306,11 @@ def _manifest(config: MergeConfig, method: str, params: dict, base_path: Path | 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "merge_method": config.merge_method,
         "method": method,
-        "parameters": _jsonable(params),
+        "parameters": plain(params),
         "dtype": config.dtype,
         "base_model": _inputs_record(base_path) if base_path is not None else None,
         "models": [_inputs_record(p) for p in model_paths],
-        "config": _jsonable(config.model_dump(exclude_none=True)),
+        "config": plain(config.model_dump(exclude_none=True)),
         "output": {"shards": shards, "copied_files": copied},
     }
 

@@ -21,6 +21,7 @@ from merge3.models._io import (
     state_dict_sha256,
     weight_files,
     file_in_the_way,
+    plain,
     read_yaml_mapping,
     write_text_atomic,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "task_vectors",
     "weight_files",
     "file_in_the_way",
+    "plain",
     "read_yaml_mapping",
     "write_text_atomic",
 ]

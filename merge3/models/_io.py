@@ -305,6 +305,30 @@ def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
         raise
 
 
+def plain(value, nonfinite_as_none: bool = False):
+    """``value`` as plain JSON-ready Python: mappings with string keys, lists for tuples and numpy arrays, Python
+    numbers for numpy scalars; ``nonfinite_as_none`` writes NaN/Inf as None (strict JSON). What every file merge3
+    writes goes through this, so numpy values from pandas or the IRT fit never leak into a record.
+
+    >>> import numpy as np
+    >>> plain({1: np.float32(0.5), "a": (np.int64(2), np.array([True])), "b": float("nan")}, nonfinite_as_none=True)
+    {'1': 0.5, 'a': [2, [True]], 'b': None}
+    """
+    import numpy as np
+
+    if isinstance(value, Mapping):
+        return {str(k): plain(v, nonfinite_as_none) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, nonfinite_as_none) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist(), nonfinite_as_none)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and nonfinite_as_none and not math.isfinite(value):
+        return None
+    return value
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str = "a mapping of keys",
                       empty_ok: bool = False) -> dict:
     """The YAML file ``path`` as a dict, read safely (``yaml.safe_load``: no tags that build objects or run code),

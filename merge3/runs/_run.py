@@ -30,7 +30,7 @@ import yaml
 
 from merge3 import __version__
 from merge3._errors import Merge3Error
-from merge3.models import file_in_the_way, write_text_atomic
+from merge3.models import file_in_the_way, plain, write_text_atomic
 from merge3.runs._lock import RunLock
 from merge3.search import latest
 
@@ -39,18 +39,8 @@ _RECORD_KEYS = {"generation", "index", "genome", "plan", "scores", "objectives",
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _json_default(obj):
-    import numpy as np
-
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
 def dumps(obj) -> str:
-    return json.dumps(obj, default=_json_default, allow_nan=True)
+    return json.dumps(plain(obj), allow_nan=True)
 
 
 class Run:
@@ -140,7 +130,7 @@ class Run:
     def write_meta(self, **updates) -> None:
         meta = self.meta if (self.path / "run.json").exists() else {}
         meta.update(updates)
-        write_text_atomic(self.path / "run.json", json.dumps(meta, indent=2, default=_json_default) + "\n")
+        write_text_atomic(self.path / "run.json", json.dumps(plain(meta), indent=2) + "\n")
 
     # ---- the Recorder protocol ----------------------------------------------------------------------------
     def evaluation(self, record: dict) -> None:
@@ -215,7 +205,7 @@ class Run:
         return entries
 
     def write_verified(self, entries: dict) -> None:
-        write_text_atomic(self.path / "verified.json", json.dumps(entries, indent=2, default=_json_default) + "\n")
+        write_text_atomic(self.path / "verified.json", json.dumps(plain(entries), indent=2) + "\n")
 
     def evaluations(self) -> pd.DataFrame:
         return pd.read_json(self.path / EVALUATIONS, lines=True) if (self.path / EVALUATIONS).exists() else pd.DataFrame()
@@ -225,7 +215,7 @@ class Run:
         self.close()
         best = result.best()
         pareto = result.pareto()
-        write_text_atomic(self.path / "best.json", json.dumps(best, indent=2, default=_json_default) + "\n")
+        write_text_atomic(self.path / "best.json", json.dumps(plain(best), indent=2) + "\n")
         frame = pd.DataFrame([{
             "generation": r["generation"], "index": r["index"], "mean": r["mean"],
             **{f"objective:{n}": v for n, v in zip(result.objective_names, r["objectives"])},
