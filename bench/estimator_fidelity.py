@@ -83,12 +83,12 @@ def visited_plans(work: dict, genome: str, budget: tuple[int, int], seed: int, l
              "executor": {"kind": "local"}}
     outcome = merge3.search(space, runs_dir=runs, name=genome, progress=False)
     seen, out = set(), []
-    records = sorted(outcome.result.records, key=lambda r: -r["generation"])  # late candidates: where it converged
+    records = sorted(outcome.result.records, key=lambda r: -r.generation)  # late candidates: where it converged
     for r in records:
-        key = json.dumps(r["genome"], sort_keys=True)
-        if r["error"] is None and key not in seen:
+        key = json.dumps(r.genome, sort_keys=True)
+        if r.error is None and key not in seen:
             seen.add(key)
-            out.append((f"visited-{genome}", r["plan"]))
+            out.append((f"visited-{genome}", r.plan))
     return out[:limit]
 
 

@@ -152,7 +152,7 @@ def run_search(work: dict, strategy: str, seed: int, runs_dir: Path) -> dict:
             "estimated": top1["estimated_mean"], "top1": top1["test_mean"], "top1_search": top1["search_mean"],
             "top3_verified": chosen["test_mean"], "top3_verified_search": chosen["search_mean"],
             "verify_items": sum(v["items"]["search"] for v in verified),
-            "promoted": sum(r.get("rung", 0) > 0 for r in outcome.result.records)}
+            "promoted": sum(r.rung > 0 for r in outcome.result.records)}
 
 
 def summarise(rows: list[dict], full_key: str = "full") -> list[dict]:

@@ -15,6 +15,7 @@ from merge3.itembank import ItemBank
 from merge3.runs import Run
 from merge3.runtime import CandidateResult, EvalRequest, LocalExecutor, MergeWorkloadFactory, make_executor
 from merge3.search import (
+    Evaluation,
     Genome,
     Objectives,
     QuietProgress,
@@ -39,7 +40,7 @@ class SearchOutcome:
     result: SearchResult
 
     @property
-    def best(self) -> dict:
+    def best(self) -> Evaluation:
         return self.result.best()
 
 
@@ -183,7 +184,7 @@ def search(space: SearchSpace | dict | str | os.PathLike, *, objectives: Sequenc
     ``CandidateResult``; by default the space's own objectives.
 
     >>> outcome = merge3.search("search_spaces/demo.yaml", objectives=["mean"])  # doctest: +SKIP
-    >>> outcome.best["scores"]  # doctest: +SKIP
+    >>> outcome.best.scores  # doctest: +SKIP
     """
     space = _as_space(space)
     if seed is not None:
@@ -227,13 +228,13 @@ def resume(run_dir: str | os.PathLike, *, objectives: Sequence[ObjectiveSpec] | 
     return SearchOutcome(run, _drive(run, space, plan, replay, executor, progress, created=False))
 
 
-def top_records(run: Run, top: int) -> list[dict]:
+def top_records(run: Run, top: int) -> list[Evaluation]:
     """The ``top`` distinct successful candidates by first objective (best first; candidates that reached the last
     promotion rung before the others)."""
     seen, out = set(), []
-    ok = (r for r in run.records() if r["error"] is None)
-    for record in sorted(ok, key=lambda r: (not r.get("eligible", True), -r["objectives"][0])):
-        key = json.dumps(record["genome"], sort_keys=True)
+    ok = (r for r in run.records() if r.error is None)
+    for record in sorted(ok, key=lambda r: (not r.eligible, -r.objectives[0])):
+        key = json.dumps(record.genome, sort_keys=True)
         if key not in seen:
             seen.add(key)
             out.append(record)
@@ -260,31 +261,31 @@ def verify(run_dir: str | os.PathLike, *, top: int = 3, log=print, baselines: bo
     every_item = tuple(range(len(bank)))
     executor = LocalExecutor(factory)
     try:
-        results = dict(executor.submit([EvalRequest(r["plan"], items=every_item) for r in records]))
+        results = dict(executor.submit([EvalRequest(r.plan, items=every_item) for r in records]))
     finally:
         executor.close()
     verified = run.verified()
     for i, record in enumerate(records):
         result = results[i]
         if not result.ok:
-            raise Merge3Error(f"verifying gen {record['generation']} #{record['index']} failed: {result.error}")
+            raise Merge3Error(f"verifying gen {record.generation} #{record.index} failed: {result.error}")
         splits = bank.per_split_accuracy(*result.answered()[::-1])
         entry = {
-            "generation": record["generation"], "index": record["index"], "estimated": record["scores"],
-            "estimated_mean": record["mean"], "search": splits["search"], "search_mean": _mean(splits["search"]),
+            "generation": record.generation, "index": record.index, "estimated": record.scores,
+            "estimated_mean": record.mean, "search": splits["search"], "search_mean": _mean(splits["search"]),
             "test": splits["test"], "test_mean": _mean(splits["test"]),
             "items": {"search": len(bank.search_indices), "test": len(bank.test_indices)},
         }
-        verified[f"{record['generation']}/{record['index']}"] = entry
+        verified[f"{record.generation}/{record.index}"] = entry
         test = "no test split" if entry["test_mean"] is None else (
             f"test {entry['test_mean']:.4f} (gap {entry['test_mean'] - entry['search_mean']:+.4f})")
-        log(f"verified gen {record['generation']} #{record['index']}: estimated {record['mean']:.4f}, "
+        log(f"verified gen {record.generation} #{record.index}: estimated {record.mean:.4f}, "
             f"search split {entry['search_mean']:.4f}, {test}")
     run.write_verified(verified)
     if baselines:
         _score_baselines(run, log)
     _write_report(run)
-    return [verified[f"{r['generation']}/{r['index']}"] for r in records]
+    return [verified[f"{r.generation}/{r.index}"] for r in records]
 
 
 def _score_baselines(run: Run, log) -> None:
@@ -311,8 +312,8 @@ def reported_score(entry: dict | None, estimate: float) -> float:
     return estimate
 
 
-def _score_sentence(record: dict, entry: dict) -> str:
-    text = f"Estimated mean accuracy during the search {record['mean']:.4f} (cheap fitness on the search split)"
+def _score_sentence(record: Evaluation, entry: dict) -> str:
+    text = f"Estimated mean accuracy during the search {record.mean:.4f} (cheap fitness on the search split)"
     if entry.get("search_mean") is None:
         return text + "; not verified."
     text += f"; every search-split item {entry['search_mean']:.4f}"
@@ -340,8 +341,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
         raise Merge3Error(f"--rank {rank} is out of range: ranks start at 1 (the best merge)")
     verified = run.verified()
     candidates = top_records(run, rank + len(verified))
-    ranked = sorted(candidates, key=lambda r: -reported_score(verified.get(f"{r['generation']}/{r['index']}"),
-                                                              r["objectives"][0]))
+    ranked = sorted(candidates, key=lambda r: -reported_score(verified.get(f"{r.generation}/{r.index}"),
+                                                              r.objectives[0]))
     if not 1 <= rank <= len(ranked):
         raise Merge3Error(f"--rank {rank} is out of range: run '{run.path}' has {len(ranked)} candidate(s) to export")
     record = ranked[rank - 1]
@@ -353,29 +354,29 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int 
     for path, state in zip([models["base"], *models["endpoints"]], [base, *endpoints]):
         check_finite(state, path)  # the models may have changed on disk since the search
     groups = layer_groups(base, run.config["genome"]["granularity"])
-    merged = merge_groups(base, endpoints, plans_from_choices(groups, record["plan"]))
-    check_finite(merged, f"the merge of gen {record['generation']} #{record['index']}")
-    entry = verified.get(f"{record['generation']}/{record['index']}", {})
+    merged = merge_groups(base, endpoints, plans_from_choices(groups, record.plan))
+    check_finite(merged, f"the merge of gen {record.generation} #{record.index}")
+    entry = verified.get(f"{record.generation}/{record.index}", {})
     manifest = {
-        "merge3_version": __version__, "run": str(run.path), "generation": record["generation"],
-        "index": record["index"], "genome": record["genome"], "plan": record["plan"],
-        "estimated_scores": record["scores"], "search_scores": entry.get("search"), "test_scores": entry.get("test"),
+        "merge3_version": __version__, "run": str(run.path), "generation": record.generation,
+        "index": record.index, "genome": record.genome, "plan": record.plan,
+        "estimated_scores": record.scores, "search_scores": entry.get("search"), "test_scores": entry.get("test"),
         "splits": {"estimated_scores": "search split, cheap fitness during the search",
                    "search_scores": "every search-split item (the items the search optimised)",
                    "test_scores": "every test-split item (never seen by calibration or the search)"},
         "inputs": {p: {f.name: file_sha256(f) for f in weight_files(p)} for p in [models["base"], *models["endpoints"]]},
     }
     dtype = next(str(t.dtype).removeprefix("torch.") for t in base.values() if t.is_floating_point())
-    mergekit, why_not = mergekit_config(record["plan"], groups, models["base"], models["endpoints"], dtype)
+    mergekit, why_not = mergekit_config(record.plan, groups, models["base"], models["endpoints"], dtype)
     manifest["mergekit_yaml"] = "mergekit.yaml" if mergekit else f"none: {why_not}"
     extra = {}
     if mergekit:
-        random = any("seed" in get_method(choice["method"]).params for choice in record["plan"])
+        random = any("seed" in get_method(choice["method"]).params for choice in record.plan)
         note = ("# mergekit draws random masks from its own RNG: same distribution, different masks.\n"
                 if random else "")
         extra["mergekit.yaml"] = (f"# This merge as a mergekit config: mergekit-yaml mergekit.yaml OUT (or merge3 merge "
                                   f"mergekit.yaml --out OUT).\n{note}" + yaml.safe_dump(mergekit, sort_keys=False))
-    methods = ", ".join(f"{g['group']}: {g['method']}" for g in record["plan"])
+    methods = ", ".join(f"{g['group']}: {g['method']}" for g in record.plan)
     card = (f"# merge3 merge (rank {rank} of run {run.path.name})\n\n"
             f"Base: `{models['base']}`; endpoints: {', '.join(f'`{p}`' for p in models['endpoints'])}.\n\n"
             f"Methods per layer group: {methods}.\n\n{_score_sentence(record, entry)}\n\n"

@@ -66,10 +66,10 @@ def _print_outcome(outcome, console) -> None:
     console.print(f"run: {run.path}")
     console.print(f"candidates: {len(result.records)}   items evaluated: {result.items_evaluated:,}   "
                   f"full-bank equivalent: {result.full_bank_equivalent:,}   stopped by: {result.stopped_by}")
-    scores = ", ".join(f"{t} {v:.3f}" for t, v in best["scores"].items())
-    objectives = ", ".join(f"{n} {v:.4f}" for n, v in zip(result.objective_names, best["objectives"]))
-    console.print(f"best (generation {best['generation']}, #{best['index']}): {objectives}  ({scores})", markup=False)
-    console.print("methods per group: " + ", ".join(f"{g['group']}={g['method']}" for g in best["plan"]))
+    scores = ", ".join(f"{t} {v:.3f}" for t, v in best.scores.items())
+    objectives = ", ".join(f"{n} {v:.4f}" for n, v in zip(result.objective_names, best.objectives))
+    console.print(f"best (generation {best.generation}, #{best.index}): {objectives}  ({scores})", markup=False)
+    console.print("methods per group: " + ", ".join(f"{g['group']}={g['method']}" for g in best.plan))
 
 
 def _space_overrides(args: argparse.Namespace) -> dict:

@@ -20,8 +20,8 @@ def cli(*args, wait=True):
 
 def strip(records):
     """What must agree between two runs of the same search: who was evaluated, with which genome and result."""
-    return sorted((r["generation"], r["index"], r.get("rung", 0), json.dumps(r["genome"], sort_keys=True),
-                   tuple(r["objectives"])) for r in records)
+    return sorted((r.generation, r.index, r.rung, json.dumps(r.genome, sort_keys=True),
+                   tuple(r.objectives)) for r in records)
 
 
 def wait_for_lines(file: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -61,5 +61,5 @@ def test_a_causal_lm_search_with_irt_fitness_runs_on_cuda(tmp_path):
              "genome": {"granularity": "layer", "methods": ["task_arithmetic", "ties"]},
              "engine": {"population": 4, "generations": 2}, "executor": {"kind": "local"}}
     outcome = merge3.search(space, runs_dir=tmp_path / "runs", name="cuda", progress=False)
-    assert all(r["error"] is None for r in outcome.run.records())
+    assert all(r.error is None for r in outcome.run.records())
     assert verify(outcome.run.path, top=1, log=lambda *a: None)[0]["test"] is not None

@@ -137,11 +137,11 @@ def test_fresh_items_change_every_generation_and_are_shared_within_one(calibrate
     outcome = merge3.search(space(calibrated_zoo, {"items": "fresh"}), runs_dir=tmp_path, name="fresh", progress=False)
     by_generation = {}
     for r in outcome.run.records():
-        by_generation.setdefault(r["generation"], set()).add(tuple(r["answers"]["items"]))
+        by_generation.setdefault(r.generation, set()).add(tuple(r.answers["items"]))
     assert all(len(s) == 1 for s in by_generation.values()), "one subset per generation"
     subsets = [next(iter(s)) for s in by_generation.values()]
     assert len(set(subsets)) == 3 and all(len(s) == 100 for s in subsets)
-    assert all(r["se"]["mean"] > 0 for r in outcome.run.records())
+    assert all(r.se["mean"] > 0 for r in outcome.run.records())
 
 
 def test_promotion_never_lets_a_first_fidelity_estimate_become_the_best(calibrated_zoo, tmp_path):
@@ -150,17 +150,17 @@ def test_promotion_never_lets_a_first_fidelity_estimate_become_the_best(calibrat
     lines = outcome.run.records(every_rung=True)
     rungs = {}
     for r in lines:
-        rungs.setdefault(r["generation"], []).append(r.get("rung", 0))
+        rungs.setdefault(r.generation, []).append(r.rung)
     assert all(g.count(1) == 2 and g.count(2) == 1 for g in rungs.values()), "top 2 to rung 1, top 1 to rung 2"
     best = outcome.best
-    assert best["rung"] == 2 and best["eligible"] and best["items_evaluated"] == 5 * 180
-    first = [r for r in outcome.result.records if r["rung"] == 0]
-    assert max(r["objectives"][0] for r in first) <= best["objectives"][0] or not first[0]["eligible"]
-    assert not any(r["eligible"] for r in first)
+    assert best.rung == 2 and best.eligible and best.items_evaluated == 5 * 180
+    first = [r for r in outcome.result.records if r.rung == 0]
+    assert max(r.objectives[0] for r in first) <= best.objectives[0] or not first[0].eligible
+    assert not any(r.eligible for r in first)
     # the estimate uses every item the candidate answered, and the cost counts every one of them
-    top = max(lines, key=lambda r: (r["rung"], r["objectives"][0]))
-    assert len(top["answers"]["items"]) == len(set(top["answers"]["items"])) == top["items_evaluated"]
-    assert outcome.run.meta["items_evaluated"] == sum(r["items_evaluated"] for r in outcome.result.records)
+    top = max(lines, key=lambda r: (r.rung, r.objectives[0]))
+    assert len(top.answers["items"]) == len(set(top.answers["items"])) == top.items_evaluated
+    assert outcome.run.meta["items_evaluated"] == sum(r.items_evaluated for r in outcome.result.records)
 
 
 def test_adaptive_records_hold_the_items_each_candidate_answered(calibrated_zoo, tmp_path):
@@ -168,12 +168,12 @@ def test_adaptive_records_hold_the_items_each_candidate_answered(calibrated_zoo,
     outcome = merge3.search(space(calibrated_zoo, fitness), runs_dir=tmp_path, name="cat", progress=False)
     bank = ItemBank.load(calibrated_zoo.bank)
     test = set(bank.test_indices.tolist())
-    items = [tuple(r["answers"]["items"]) for r in outcome.run.records()]
+    items = [tuple(r.answers["items"]) for r in outcome.run.records()]
     assert len(set(items)) > 1, "candidates meet different items"
     for r in outcome.run.records():
-        per_task = np.bincount([bank.tasks.index(bank.task_of[i]) for i in r["answers"]["items"]], minlength=5)
-        assert per_task.min() >= 4 and per_task.max() <= 16 and r["items_evaluated"] == per_task.sum()
-        assert not set(r["answers"]["items"]) & test
+        per_task = np.bincount([bank.tasks.index(bank.task_of[i]) for i in r.answers["items"]], minlength=5)
+        assert per_task.min() >= 4 and per_task.max() <= 16 and r.items_evaluated == per_task.sum()
+        assert not set(r.answers["items"]) & test
 
 
 def test_online_recalibration_refits_and_is_saved_in_the_run(calibrated_zoo, tmp_path):
@@ -220,8 +220,8 @@ def test_sigkill_then_resume_replays_fresh_promoted_and_recalibrated_items_exact
     resumed = _cli("resume", tmp_path / "killed", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     killed, reference = (Run.open(tmp_path / name).records(every_rung=True) for name in ("killed", "whole"))
-    key = lambda r: (r["generation"], r["index"], r["rung"])  # noqa: E731
+    key = lambda r: (r.generation, r.index, r.rung)  # noqa: E731
     assert [key(r) for r in sorted(killed, key=key)] == [key(r) for r in sorted(reference, key=key)]
     assert strip(killed) == strip(reference)
-    answers = lambda rs: {key(r): r["answers"]["items"] for r in rs}  # noqa: E731
+    answers = lambda rs: {key(r): r.answers["items"] for r in rs}  # noqa: E731
     assert answers(killed) == answers(reference), "every item replayed exactly"

@@ -57,7 +57,7 @@ def test_calibrate_search_verify_export_on_a_causal_lm_bank(lm_zoo, tmp_path):
              "engine": {"population": 4, "generations": 2}, "executor": {"kind": "local"}}
     outcome = merge3.search(space, runs_dir=tmp_path, name="lm", progress=False)
     test_rows = set(bank.test_indices.tolist())
-    assert all(r["error"] is None and not set(r["answers"]["items"]) & test_rows for r in outcome.run.records())
+    assert all(r.error is None and not set(r.answers["items"]) & test_rows for r in outcome.run.records())
     verified = verify(outcome.run.path, top=2, log=lambda *a: None)
     assert all(v["test"] is not None and v["search"] is not None for v in verified)
     folder = export(outcome.run.path, tmp_path / "merged")

@@ -44,9 +44,9 @@ def test_local_and_ray_executors_give_the_same_search(ray_session):
         remote = run_search(ray_executor)
     finally:
         ray_executor.close()
-    strip = lambda rs: [(r["generation"], r["index"], r["genome"], r["objectives"]) for r in rs]  # noqa: E731
+    strip = lambda rs: [(r.generation, r.index, r.genome, r.objectives) for r in rs]  # noqa: E731
     assert strip(local.records) == strip(remote.records)
-    workers = {r["worker"] for r in remote.records}
+    workers = {r.worker for r in remote.records}
     assert len(workers) == 2, "both actors should have evaluated candidates"
 
 

@@ -55,7 +55,7 @@ def make_search(engine="pymoo", algorithm="auto", objectives=("mean",), seed=0, 
 
 
 def strip(records):
-    return [{k: r[k] for k in ("generation", "index", "genome", "objectives")} for r in records]
+    return [{k: getattr(r, k) for k in ("generation", "index", "genome", "objectives")} for r in records]
 
 
 @pytest.mark.parametrize("engine", ["pymoo", "optuna"])
@@ -65,9 +65,9 @@ def test_single_objective_search_improves_and_is_deterministic(engine):
     other = make_search(engine, seed=1).run()
     assert strip(first.records) == strip(again.records)
     assert strip(first.records) != strip(other.records)
-    gen0 = max(r["objectives"][0] for r in first.records if r["generation"] == 0)
-    assert first.best()["objectives"][0] > gen0
-    assert first.best()["objectives"][0] > 0.9
+    gen0 = max(r.objectives[0] for r in first.records if r.generation == 0)
+    assert first.best().objectives[0] > gen0
+    assert first.best().objectives[0] > 0.9
     assert first.items_evaluated == 9 * len(first.records)
     assert first.full_bank_equivalent == 100 * len(first.records)
 
@@ -77,7 +77,7 @@ def test_multi_objective_gives_a_non_dominated_front(engine):
     result = make_search(engine, objectives=("per_task",), generations=5).run()
     front = result.pareto()
     assert len(front) >= 2
-    values = np.array([r["objectives"] for r in front])
+    values = np.array([r.objectives for r in front])
     for v in values:
         assert not np.any(np.all(values >= v, axis=1) & np.any(values > v, axis=1))
     assert result.objective_names == TASKS
@@ -85,9 +85,9 @@ def test_multi_objective_gives_a_non_dominated_front(engine):
 
 def test_failed_candidates_get_the_worst_fitness_and_the_search_goes_on():
     result = make_search(executor=SyntheticExecutor(fail_every=5)).run()
-    failed = [r for r in result.records if r["error"]]
-    assert failed and all(np.isnan(r["objectives"][0]) for r in failed)
-    assert result.best()["error"] is None and result.best()["objectives"][0] > 0.8
+    failed = [r for r in result.records if r.error]
+    assert failed and all(np.isnan(r.objectives[0]) for r in failed)
+    assert result.best().error is None and result.best().objectives[0] > 0.8
 
 
 def test_item_budget_stops_the_search():
@@ -103,11 +103,11 @@ def test_custom_objective_as_callable_and_import_path(objective_module):
     by_fn = make_search(objectives=(worst_task,), generations=2).run()
     assert by_fn.objective_names == ["worst_task"]
     rec = by_fn.records[0]
-    assert rec["objectives"][0] == pytest.approx(min(rec["scores"].values()))
+    assert rec.objectives[0] == pytest.approx(min(rec.scores.values()))
     by_path = make_search(objectives=("my_objectives:best_task",), generations=1).run()
     rec = by_path.records[0]
     assert by_path.objective_names == ["my_objectives:best_task"]
-    assert rec["objectives"][0] == pytest.approx(max(rec["scores"].values())), "the named function really is called"
+    assert rec.objectives[0] == pytest.approx(max(rec.scores.values())), "the named function really is called"
     with pytest.raises(Merge3Error, match="cannot import 'no_such_module:f'"):
         Objectives(["no_such_module:f"], TASKS)
     with pytest.raises(Merge3Error, match="the standard library"):
@@ -130,7 +130,7 @@ def test_resume_by_replay_matches_an_uninterrupted_run(tmp_path):
     assert strip(resumed.records) == strip(full.records) == strip(result.records)
     assert executor.calls == len(full.records) - 20
     on_disk = Run.open(run.path).records()
-    assert sorted((r["generation"], r["index"]) for r in on_disk) == sorted((r["generation"], r["index"]) for r in full.records)
+    assert sorted((r.generation, r.index) for r in on_disk) == sorted((r.generation, r.index) for r in full.records)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -150,7 +150,7 @@ def test_run_folder_is_never_reused_and_reads_with_pandas(tmp_path):
     frame = run.evaluations()
     assert len(frame) == len(result.records) and {"genome", "scores", "objectives", "items_evaluated"} <= set(frame)
     best = json.loads((run.path / "best.json").read_text())
-    assert best["objectives"] == result.best()["objectives"]
+    assert best["objectives"] == result.best().objectives
     assert run.meta["status"] == "finished" and run.meta["cost_ratio"] == pytest.approx(100 / 9)
     assert (run.path / "checkpoint" / "gen-0001.json").exists()
 
@@ -216,7 +216,7 @@ def test_search_matches_stored_results(engine):
 
     stored = json.loads((Path(__file__).parent / "data" / "synthetic_search_seed0.json").read_text())[engine]
     result = make_search(engine, generations=3, population=6).run()
-    got = [{k: r[k] for k in ("generation", "index", "genome", "objectives")} for r in result.records]
+    got = [{k: getattr(r, k) for k in ("generation", "index", "genome", "objectives")} for r in result.records]
     assert len(got) == len(stored)
     for g, s in zip(got, stored):
         assert (g["generation"], g["index"]) == (s["generation"], s["index"])
@@ -291,18 +291,18 @@ def test_cmaes_engine_starts_from_the_recipes_improves_and_is_deterministic():
     a, b = _quadratic_search().run(), _quadratic_search().run()
     assert strip(a.records) == strip(b.records)
     assert strip(a.records) != strip(_quadratic_search(seed=1).run().records)
-    first = [r for r in a.records if r["generation"] == 0]
+    first = [r for r in a.records if r.generation == 0]
     assert len(first) == 3  # the centre of the box and the two recipes
-    later = [r for r in a.records if r["generation"] == 1]
+    later = [r for r in a.records if r.generation == 1]
     assert len(later) == 8  # 7 samples + the mean
-    best_first = max(r["objectives"][0] for r in first)
-    best = a.best()["objectives"][0]
+    best_first = max(r.objectives[0] for r in first)
+    best = a.best().objectives[0]
     assert best > best_first + 0.05 and best > 0.97  # the optimum is 1.0 (every weight at TARGET)
 
 
 def test_cmaes_engine_resumes_by_replay(tmp_path):
     full = _quadratic_search().run()
-    partial = {(r["generation"], r["index"]): r for r in full.records if r["generation"] < 3}
+    partial = {(r.generation, r.index): r for r in full.records if r.generation < 3}
     executor = SyntheticExecutor()
     resumed = _quadratic_search(replay=partial, executor=executor).run()
     assert executor.calls == len(full.records) - len(partial)

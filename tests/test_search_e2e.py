@@ -47,7 +47,7 @@ def test_api_search_is_reproducible_and_accounts_its_cost(digits_zoo, tmp_path):
     assert search_items == 4495 - 5 * 300, "a third of the held-out images is the test split"
     assert meta["status"] == "finished" and meta["items_evaluated"] == 18 * search_items == meta["full_bank_equivalent"]
     best = a.best
-    assert set(best["scores"]) == set(digits_zoo.finetuned) and best["objectives"][0] == pytest.approx(best["mean"])
+    assert set(best.scores) == set(digits_zoo.finetuned) and best.objectives[0] == pytest.approx(best.mean)
     # the recorded score is what the merge really gets: rebuild it with the pure functions and evaluate
     from merge3.itembank import make_evaluator
     from merge3.methods import layer_groups, merge_groups, plans_from_choices
@@ -56,13 +56,13 @@ def test_api_search_is_reproducible_and_accounts_its_cost(digits_zoo, tmp_path):
     base = load_state_dict(digits_zoo.base)
     fts = [load_state_dict(p) for p in digits_zoo.finetuned.values()]
     groups = layer_groups(base)
-    merged = merge_groups(base, fts, plans_from_choices(groups, best["plan"]))
+    merged = merge_groups(base, fts, plans_from_choices(groups, best.plan))
     model = load_model(digits_zoo.base)
     model.load_state_dict(merged)
     bank = ItemBank.load(digits_zoo.bank)
     rows = bank.search_indices
     truth = bank.per_task_accuracy(make_evaluator(bank)(model, rows), rows)
-    assert truth == pytest.approx(best["scores"], abs=1e-9)
+    assert truth == pytest.approx(best.scores, abs=1e-9)
 
 
 def test_custom_objectives_through_the_api_and_by_import_path(digits_zoo, tmp_path, objective_module):
@@ -72,14 +72,14 @@ def test_custom_objectives_through_the_api_and_by_import_path(digits_zoo, tmp_pa
     out = merge3.search(space_dict(digits_zoo, engine={"generations": 1}), objectives=[worst_task, "mean"],
                         runs_dir=tmp_path, name="custom", progress=False)
     rec = out.result.records[0]
-    assert rec["objectives"] == pytest.approx([min(rec["scores"].values()), rec["mean"]])
+    assert rec.objectives == pytest.approx([min(rec.scores.values()), rec.mean])
     assert out.run.config["objectives"] == ["<api:worst_task>", "mean"]
     with pytest.raises(Merge3Error, match="passed through the API"):
         merge3.resume(out.run.path)
     path_space = space_dict(digits_zoo, engine={"generations": 1}, objectives=["my_objectives:best_task"])
     by_path = merge3.search(path_space, runs_dir=tmp_path, name="by-path", progress=False)
     rec = by_path.result.records[0]
-    assert rec["objectives"] == pytest.approx([max(rec["scores"].values())])
+    assert rec.objectives == pytest.approx([max(rec.scores.values())])
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(digits_zoo, tmp
     assert resumed.returncode == 0, resumed.stderr
     killed, reference = Run.open(tmp_path / "killed").records(), Run.open(tmp_path / "whole").records()
     assert strip(killed) == strip(reference)
-    assert len({(r["generation"], r["index"]) for r in killed}) == len(killed) == 24
+    assert len({(r.generation, r.index) for r in killed}) == len(killed) == 24
     assert "resuming with" in (tmp_path / "killed" / "log.txt").read_text()
     with pytest.raises(Merge3Error, match="already finished"):
         merge3.resume(tmp_path / "killed")
@@ -144,11 +144,11 @@ def test_demo_space_with_cheap_fitness_end_to_end(calibrated_zoo, tmp_path):
     space["executor"] = {"kind": "local"}
     outcome = merge3.search(space, runs_dir=tmp_path, name="demo", progress=False)
     records = outcome.run.records()
-    first = [r for r in records if r["rung"] == 0]
-    promoted = [r for r in records if r["rung"] == 1]
-    assert all(r["items_evaluated"] == 100 for r in first), "20 fresh items per task × 5 tasks"
-    assert len(promoted) == 2 * 3 and all(r["items_evaluated"] == 300 for r in promoted), "top 2 answer 3× more"
-    assert outcome.best["rung"] == 1, "only a promoted candidate may be the run's best"
+    first = [r for r in records if r.rung == 0]
+    promoted = [r for r in records if r.rung == 1]
+    assert all(r.items_evaluated == 100 for r in first), "20 fresh items per task × 5 tasks"
+    assert len(promoted) == 2 * 3 and all(r.items_evaluated == 300 for r in promoted), "top 2 answer 3× more"
+    assert outcome.best.rung == 1, "only a promoted candidate may be the run's best"
     meta = outcome.run.meta
     # records() holds each candidate's latest record, whose items are cumulative: a promoted one answered 100 + 200
     assert meta["items_evaluated"] == 100 * len(first) + 300 * len(promoted)
@@ -186,7 +186,7 @@ def test_same_task_space_aligns_with_c2m3_and_beats_naive_averaging(digits_zoo, 
     space["bank"]["path"] = str(digits_zoo.same_task_bank)
     space["engine"].update(population=4, generations=2)
     outcome = merge3.search(space, runs_dir=tmp_path, name="same", progress=False)
-    assert all(g["method"] == "c2m3" for g in outcome.best["plan"])
+    assert all(g["method"] == "c2m3" for g in outcome.best.plan)
     test = verify(outcome.run.path, top=1, log=lambda *a: None)[0]["test_mean"]
     naive = digits_zoo.info["accuracy"]["same_task"]["naive average"]
     assert test > naive + 0.2 and test > 0.9
@@ -234,7 +234,7 @@ def test_leaderboard_ranks_merges_of_both_runs_beside_the_baselines(two_runs):
     frame = merge3.leaderboard(runs)
     merges, baselines = frame[frame["kind"] == "merge"], frame[frame["kind"] == "baseline"]
     assert set(merges["run"]) == {"single", "multi"}
-    assert (merges["run"] == "multi").sum() == len({json.dumps(r["genome"], sort_keys=True) for r in multi.result.pareto()})
+    assert (merges["run"] == "multi").sum() == len({json.dumps(r.genome, sort_keys=True) for r in multi.result.pareto()})
     assert {"base", "endpoint ft-upright", "endpoint ft-permuted"} <= set(baselines["candidate"])
     assert {"task_arithmetic", "ties", "dare", "tsv_merge"} <= set(baselines["methods"])
     for _, tier in frame.groupby("score_on", sort=False):
@@ -388,15 +388,15 @@ def test_row_block_space_searches_builds_and_exports_what_it_scored(digits_zoo, 
     space["executor"] = {"kind": "local"}
     outcome = merge3.search(space, runs_dir=tmp_path, name="rows", progress=False)
     best = outcome.best
-    assert all(set(w) == {"row_blocks"} and len(w["row_blocks"]) == 16 for g in best["plan"] for w in g["params"]["weights"])
+    assert all(set(w) == {"row_blocks"} and len(w["row_blocks"]) == 16 for g in best.plan for w in g["params"]["weights"])
     base = load_state_dict(digits_zoo.base)
     fts = [load_state_dict(p) for p in digits_zoo.finetuned.values()]
-    merged = merge_groups(base, fts, plans_from_choices(layer_groups(base), best["plan"]))
+    merged = merge_groups(base, fts, plans_from_choices(layer_groups(base), best.plan))
     model = load_model(digits_zoo.base)
     model.load_state_dict(merged)
     bank = ItemBank.load(digits_zoo.bank)
     rows = bank.search_indices
-    assert bank.per_task_accuracy(make_evaluator(bank)(model, rows), rows) == pytest.approx(best["scores"], abs=1e-9)
+    assert bank.per_task_accuracy(make_evaluator(bank)(model, rows), rows) == pytest.approx(best.scores, abs=1e-9)
     folder = export(outcome.run.path, tmp_path / "best", rank=1)
     assert not (folder / "mergekit.yaml").exists()
     assert "row-block" in json.dumps(json.loads((folder / "merge3-manifest.json").read_text()))

@@ -151,9 +151,9 @@ def test_a_search_never_answers_a_test_item_and_verify_scores_both_splits(calibr
     items = ItemBank.load(calibrated_zoo.bank)
     test = set(items.test_indices.tolist())
     for record in outcome.run.records():
-        answered = set(record["answers"]["items"])
+        answered = set(record.answers["items"])
         assert answered and not answered & test
-        assert record["items_evaluated"] == len(answered)
+        assert record.items_evaluated == len(answered)
     assert outcome.run.meta["full_bank_equivalent"] == 12 * len(items.search_indices)
     entries = verify(outcome.run.path, top=2, log=lambda *a: None, baselines=True)
     for entry in entries:

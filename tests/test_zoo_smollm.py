@@ -346,7 +346,7 @@ def test_reduced_zoo_calibrate_search_verify_export_with_mergekit(reduced_zoo, t
              "genome": {"granularity": "layer", "methods": ["task_arithmetic"], "weights": {"low": 0.0, "high": 1.5}},
              "engine": {"population": 4, "generations": 2}, "executor": {"kind": "local"}}
     outcome = merge3.search(space, runs_dir=tmp_path, name="lm", progress=False)
-    assert all(r["error"] is None for r in outcome.run.records())
+    assert all(r.error is None for r in outcome.run.records())
     (entry,) = verify(outcome.run.path, top=1, log=lambda *a: None)
     assert entry["test"] is not None and set(entry["test"]) == set(zoo.finetuned)
     folder = export(outcome.run.path, tmp_path / "merged")

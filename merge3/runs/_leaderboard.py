@@ -63,24 +63,24 @@ def _params(plan: list[dict]) -> str:
     return "; ".join(f"{g['group']}: " + " ".join(f"{k}={value(v)}" for k, v in g["params"].items()) for g in plan)
 
 
-def _kept_records(run: Run, per_run: int, verified: dict) -> list[dict]:
+def _kept_records(run: Run, per_run: int, verified: dict) -> list:
     from merge3.search import SearchResult
 
-    records = [r for r in run.records() if r["error"] is None]
+    records = [r for r in run.records() if r.error is None]
     if not records:
         return []
     names = run.meta.get("objective_names") or run.config.get("objectives", ["mean"])
-    if len(records[0]["objectives"]) > 1:
+    if len(records[0].objectives) > 1:
         kept = SearchResult(records, names).pareto()
     else:
-        kept = sorted(records, key=lambda r: -r["objectives"][0])
+        kept = sorted(records, key=lambda r: -r.objectives[0])
     out, seen = [], set()
     for record in kept:
-        key = json.dumps(record["genome"], sort_keys=True)
-        if key not in seen and (len(out) < per_run or len(record["objectives"]) > 1):
+        key = json.dumps(record.genome, sort_keys=True)
+        if key not in seen and (len(out) < per_run or len(record.objectives) > 1):
             seen.add(key)
             out.append(record)
-    by_key = {f"{r['generation']}/{r['index']}": r for r in records}
+    by_key = {f"{r.generation}/{r.index}": r for r in records}
     out += [by_key[k] for k in verified if k in by_key and by_key[k] not in out]
     return out
 
@@ -94,19 +94,19 @@ def _merge_rows(run: Run, per_run: int) -> list[dict]:
     verified = run.verified()
     rows = []
     for record in _kept_records(run, per_run, verified):
-        entry = verified.get(f"{record['generation']}/{record['index']}", {})
+        entry = verified.get(f"{record.generation}/{record.index}", {})
         search, test = entry.get("search"), entry.get("test")
         row = {
             "bank": Path(config["bank"]["path"]).name, "kind": "merge", "run": run.path.name,
-            "candidate": f"gen {record['generation']} #{record['index']}", "methods": _methods(record["plan"]),
-            "params": _params(record["plan"]), "verified": search is not None,
-            "estimated_mean": record["mean"], "search_mean": _mean(search), "test_mean": _mean(test),
-            "items": record["items_evaluated"], "run_items": meta.get("items_evaluated"),
+            "candidate": f"gen {record.generation} #{record.index}", "methods": _methods(record.plan),
+            "params": _params(record.plan), "verified": search is not None,
+            "estimated_mean": record.mean, "search_mean": _mean(search), "test_mean": _mean(test),
+            "items": record.items_evaluated, "run_items": meta.get("items_evaluated"),
             "run_full_bank_equivalent": meta.get("full_bank_equivalent"),
-            "objectives": dict(zip(meta.get("objective_names") or config.get("objectives", []), record["objectives"])),
-            "genome": record["genome"], "plan": record["plan"],
+            "objectives": dict(zip(meta.get("objective_names") or config.get("objectives", []), record.objectives)),
+            "genome": record.genome, "plan": record.plan,
         }
-        row.update({f"est:{t}": v for t, v in record["scores"].items()})
+        row.update({f"est:{t}": v for t, v in record.scores.items()})
         row.update({f"search:{t}": v for t, v in (search or {}).items()})
         row.update({f"test:{t}": v for t, v in (test or {}).items()})
         rows.append(row)

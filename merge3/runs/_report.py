@@ -20,6 +20,7 @@ import numpy as np
 
 from merge3.methods import has_row_blocks, mean_weight
 from merge3.models import write_text_atomic
+from merge3.search import Evaluation
 from merge3.runs._baselines import Baseline, best_recipe
 from merge3.runs._baselines import baselines as cached_baselines
 from merge3.runs._run import Run
@@ -44,11 +45,11 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def convergence_plot(records: list[dict], verified: dict, objective: str, recipe: Baseline | None = None) -> bytes:
-    generations = sorted({r["generation"] for r in records})
+def convergence_plot(records: list[Evaluation], verified: dict, objective: str, recipe: Baseline | None = None) -> bytes:
+    generations = sorted({r.generation for r in records})
     best, mean, so_far = [], [], -np.inf
     for g in generations:
-        values = [r["objectives"][0] for r in records if r["generation"] == g]
+        values = [r.objectives[0] for r in records if r.generation == g]
         so_far = max(so_far, max(values))
         best.append(so_far)
         mean.append(float(np.mean(values)))
@@ -78,11 +79,11 @@ def convergence_plot(records: list[dict], verified: dict, objective: str, recipe
     return _png(fig)
 
 
-def pareto_plot(records: list[dict], names: list[str]) -> bytes:
+def pareto_plot(records: list[Evaluation], names: list[str]) -> bytes:
     from merge3.search import SearchResult
 
-    values = np.array([r["objectives"][:2] for r in records], dtype=float)
-    front = np.array([r["objectives"][:2] for r in SearchResult(records, names).pareto()], dtype=float)
+    values = np.array([r.objectives[:2] for r in records], dtype=float)
+    front = np.array([r.objectives[:2] for r in SearchResult(records, names).pareto()], dtype=float)
     front = front[np.argsort(front[:, 0])]
     fig, ax = _figure()
     ax.scatter(values[:, 0], values[:, 1], s=10, alpha=0.4, label="all candidates")
@@ -99,8 +100,8 @@ def pareto_plot(records: list[dict], names: list[str]) -> bytes:
     return _png(fig)
 
 
-def genome_plot(record: dict, endpoint_names: list[str]) -> bytes:
-    plan = record["plan"]
+def genome_plot(record: Evaluation, endpoint_names: list[str]) -> bytes:
+    plan = record.plan
     weights = np.array([[mean_weight(w) for w in g["params"].get("weights", [np.nan] * len(endpoint_names))]
                         for g in plan], dtype=float)
     row_blocks = any(has_row_blocks(g["params"]) for g in plan)
@@ -169,7 +170,7 @@ def write_report(run_dir: str | Path) -> Path:
     """
     run = Run.open(run_dir)
     config, meta = run.config, run.meta
-    records = [r for r in run.records() if r["error"] is None]
+    records = [r for r in run.records() if r.error is None]
     verified = run.verified()
     names = meta.get("objective_names") or config.get("objectives", ["mean"])  # 'per_task' expands to tasks
     endpoint_names = config["models"].get("names") or [Path(p).name for p in config["models"]["endpoints"]]
@@ -178,9 +179,9 @@ def write_report(run_dir: str | Path) -> Path:
     notes = []
     if records:
         plots["convergence"] = ("Convergence", convergence_plot(records, verified, names[0], recipe))
-        if len(records[0]["objectives"]) > 1:
+        if len(records[0].objectives) > 1:
             plots["pareto"] = ("Pareto front", pareto_plot(records, names))
-        best = max(records, key=lambda r: r["objectives"][0])
+        best = max(records, key=lambda r: r.objectives[0])
         plots["genome"] = ("Best genome per layer group", genome_plot(best, endpoint_names))
     else:
         notes.append("No candidate was evaluated successfully yet.")
@@ -192,7 +193,7 @@ def write_report(run_dir: str | Path) -> Path:
     if recipe is None:
         notes.append("The fixed-recipe baselines are not computed yet: `merge3 verify` or `merge3 leaderboard` "
                      "computes them (once per bank).")
-    items = sum(r["items_evaluated"] for r in run.records())
+    items = sum(r.items_evaluated for r in run.records())
     full = meta.get("full_bank_equivalent") or 0
     if items and full:
         plots["cost"] = ("Cost", cost_plot(items, full))
@@ -223,13 +224,13 @@ def write_report(run_dir: str | Path) -> Path:
                             f"{top['test_mean'] - recipe.test_mean:+.4f}"])
     parts = [f"<h1>merge3 run {html.escape(run.path.name)}</h1>", _table(summary, ["", ""])]
     if records:
-        top_records = sorted(records, key=lambda r: -r["objectives"][0])[:5]
+        top_records = sorted(records, key=lambda r: -r.objectives[0])[:5]
         rows = []
         for r in top_records:
-            v = verified.get(f"{r['generation']}/{r['index']}") or {}
-            rows.append([f"gen {r['generation']} #{r['index']}", ", ".join(f"{g['group']}={g['method']}" for g in r["plan"]),
-                         *(f"{x:.4f}" for x in r["objectives"]), _fmt(v.get("search_mean")), _fmt(v.get("test_mean")),
-                         r["items_evaluated"]])
+            v = verified.get(f"{r.generation}/{r.index}") or {}
+            rows.append([f"gen {r.generation} #{r.index}", ", ".join(f"{g['group']}={g['method']}" for g in r.plan),
+                         *(f"{x:.4f}" for x in r.objectives), _fmt(v.get("search_mean")), _fmt(v.get("test_mean")),
+                         r.items_evaluated])
         if recipe is not None:
             rows.append([f"best fixed recipe: {recipe.name}", recipe.method, *(["—"] * len(names)), _fmt(recipe.mean),
                          _fmt(recipe.test_mean), "every item"])

@@ -32,10 +32,9 @@ from merge3 import __version__
 from merge3._errors import Merge3Error
 from merge3.models import file_in_the_way, plain, write_text_atomic
 from merge3.runs._lock import RunLock
-from merge3.search import latest
+from merge3.search import Evaluation, latest
 
 EVALUATIONS = "evaluations.jsonl"
-_RECORD_KEYS = {"generation", "index", "genome", "plan", "scores", "objectives", "error", "items_evaluated"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -133,10 +132,10 @@ class Run:
         write_text_atomic(self.path / "run.json", json.dumps(plain(meta), indent=2) + "\n")
 
     # ---- the Recorder protocol ----------------------------------------------------------------------------
-    def evaluation(self, record: dict) -> None:
+    def evaluation(self, record: Evaluation) -> None:
         if self._evaluations is None:
             self._evaluations = open(self.path / EVALUATIONS, "a")
-        self._evaluations.write(dumps(record) + "\n")
+        self._evaluations.write(dumps(record.to_json()) + "\n")
         self._evaluations.flush()
         os.fsync(self._evaluations.fileno())
 
@@ -157,7 +156,7 @@ class Run:
             self._evaluations = None
 
     # ---- reading back ---------------------------------------------------------------------------------------
-    def records(self, repair: bool = False, every_rung: bool = False) -> list[dict]:
+    def records(self, repair: bool = False, every_rung: bool = False) -> list[Evaluation]:
         """The latest record of every evaluated candidate (``every_rung``: every line, promotions included). A line
         cut short by a kill is dropped (and removed when ``repair``)."""
         file = self.path / EVALUATIONS
@@ -170,14 +169,16 @@ class Run:
         records, good = [], []
         for n, line in enumerate(lines):
             try:
-                record = json.loads(line)
-                if not _is_record(record):
-                    raise Merge3Error(f"{file}: line {n + 1} is not an evaluation record")
-                records.append(record)
-                good.append(line)
+                data = json.loads(line)
             except json.JSONDecodeError:
                 if n != len(lines) - 1:
                     raise Merge3Error(f"{file}: line {n + 1} is corrupt (not the last line, so not a cut write)")
+                continue
+            try:
+                records.append(Evaluation.from_json(data))
+            except Merge3Error:
+                raise Merge3Error(f"{file}: line {n + 1} is not an evaluation record") from None
+            good.append(line)
         text = "".join(good)
         if text and not text.endswith("\n"):
             text += "\n"  # a complete record whose newline was cut: the next append must start a new line
@@ -185,8 +186,8 @@ class Run:
             write_text_atomic(file, text)
         return records if every_rung else latest(records)
 
-    def replay(self) -> dict[tuple[int, int, int], dict]:
-        return {(r["generation"], r["index"], r.get("rung", 0)): r for r in self.records(repair=True, every_rung=True)}
+    def replay(self) -> dict[tuple[int, int, int], Evaluation]:
+        return {r.key: r for r in self.records(repair=True, every_rung=True)}
 
     def verified(self) -> dict:
         """``verified.json``: "generation/index" → estimated, search-split and test-split scores (``merge3 verify``).
@@ -215,12 +216,12 @@ class Run:
         self.close()
         best = result.best()
         pareto = result.pareto()
-        write_text_atomic(self.path / "best.json", json.dumps(plain(best), indent=2) + "\n")
+        write_text_atomic(self.path / "best.json", json.dumps(plain(best.to_json()), indent=2) + "\n")
         frame = pd.DataFrame([{
-            "generation": r["generation"], "index": r["index"], "mean": r["mean"],
-            **{f"objective:{n}": v for n, v in zip(result.objective_names, r["objectives"])},
-            **{f"score:{t}": s for t, s in r["scores"].items()},
-            "genome": dumps(r["genome"]), "methods": dumps([g["method"] for g in r["plan"]]),
+            "generation": r.generation, "index": r.index, "mean": r.mean,
+            **{f"objective:{n}": v for n, v in zip(result.objective_names, r.objectives)},
+            **{f"score:{t}": s for t, s in r.scores.items()},
+            "genome": dumps(r.genome), "methods": dumps([g["method"] for g in r.plan]),
         } for r in pareto])  # fmt: skip
         tmp = self.path / ".pareto.parquet.tmp"
         frame.to_parquet(tmp, index=False)
@@ -229,20 +230,11 @@ class Run:
             status="finished", finished=_now(), stopped_by=result.stopped_by, candidates=len(result.records),
             items_evaluated=result.items_evaluated, full_bank_equivalent=result.full_bank_equivalent,
             cost_ratio=(result.full_bank_equivalent / result.items_evaluated) if result.items_evaluated else None,
-            wall_seconds=round(time.time() - started, 2), best_objectives=best["objectives"],
+            wall_seconds=round(time.time() - started, 2), best_objectives=best.objectives,
             objective_names=result.objective_names,
         )
         self.log(f"finished: {len(result.records)} candidates, {result.items_evaluated} items evaluated "
                  f"(full-bank equivalent {result.full_bank_equivalent})")
-
-
-def _is_record(record) -> bool:
-    """An evaluation line as merge3 writes it: its keys, and the types that replay, ranking and export rely on."""
-    return (isinstance(record, dict) and _RECORD_KEYS <= set(record)
-            and all(type(record[k]) is int for k in ("generation", "index"))
-            and isinstance(record["genome"], dict) and isinstance(record["plan"], list)
-            and isinstance(record["scores"], dict) and isinstance(record["objectives"], list)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record["objectives"]))
 
 
 def _read_mapping(file: Path, parse, what: str) -> dict:

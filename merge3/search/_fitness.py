@@ -53,6 +53,7 @@ from merge3.itembank import (
 from merge3.itembank import select_subset
 from merge3.models import atomic_dir
 from merge3.runtime import CandidateResult, EvalRequest
+from merge3.search._record import Evaluation
 
 CALIBRATION_DIR = "calibration"
 SUBSET_NAMES = {"random": "random", "anchor": "anchor-irt"}  # search-space names → calibration names
@@ -64,7 +65,7 @@ class Fitness(Protocol):
 
     def requests(self, generation: int, plans: Sequence[list[dict]]) -> list[EvalRequest]: ...
 
-    def score(self, generation: int, index: int, result: CandidateResult, previous: dict | None = None
+    def score(self, generation: int, index: int, result: CandidateResult, previous: Evaluation | None = None
               ) -> CandidateResult: ...
 
 
@@ -195,18 +196,18 @@ class CheapFitness:
         except KeyError as e:
             raise Merge3Error(f"fitness: a worker answered bank row {e.args[0]}, which is not a search item") from None
 
-    def score(self, generation: int, index: int, result: CandidateResult, previous: dict | None = None
+    def score(self, generation: int, index: int, result: CandidateResult, previous: Evaluation | None = None
               ) -> CandidateResult:
         if not result.ok:
             return result
         rows, correct = result.answered()
         if previous is not None:  # a promotion: the estimate uses every item the candidate has answered
-            rows = np.concatenate([np.asarray(previous["answers"]["items"], dtype=np.int64), rows])
-            correct = np.concatenate([np.asarray(previous["answers"]["correct"], dtype=np.int8), correct])
+            before_rows, before_correct = previous.answered()
+            rows, correct = np.concatenate([before_rows, rows]), np.concatenate([before_correct, correct])
             result.answers = {"items": rows.tolist(), "correct": correct.tolist()}
             result.items_evaluated = int(rows.size)
-            result.build_seconds += previous.get("build_seconds", 0.0)
-            result.eval_seconds += previous.get("eval_seconds", 0.0)
+            result.build_seconds += previous.build_seconds
+            result.eval_seconds += previous.eval_seconds
         local = self._local(rows)
         inclusion = None
         if self.weighted:  # every item answered: its probability of being drawn in any phase of this candidate
@@ -244,42 +245,41 @@ class CheapFitness:
         return estimate_answered(self.estimator, local, correct, self.method, adaptive=self.items_mode == "adaptive")
 
     # ---- promotion (successive halving on items) -------------------------------------------------------------
-    def promotions(self, generation: int, rung: int, records: Sequence[dict]) -> list[tuple[int, EvalRequest]]:
+    def promotions(self, generation: int, rung: int, records: Sequence[Evaluation]) -> list[tuple[int, EvalRequest]]:
         """Rung ``rung`` (1, 2, …): more items for this generation's best candidates that reached rung − 1."""
         if self.promotion is None or rung > self.final_rung:
             return []
-        ok = [r for r in records if r["error"] is None and r.get("rung", 0) == rung - 1]
+        ok = [r for r in records if r.ok and r.rung == rung - 1]
         keep = max(1, math.ceil(self.promotion.top_k / self.promotion.factor ** (rung - 1)))
-        value = lambda r: r["objectives"][0]  # noqa: E731
+        value = lambda r: r.objectives[0]  # noqa: E731
         if self.promotion.ucb is not None and math.isfinite(self.incumbent):
             z = self.promotion.ucb
             reach = [r for r in ok if value(r) + z * _objective_se(r) >= self.incumbent]
             chosen = sorted(reach, key=lambda r: -(value(r) + z * _objective_se(r)))[:keep]
         else:
-            chosen = sorted(ok, key=lambda r: (-value(r), r["index"]))[:keep]
+            chosen = sorted(ok, key=lambda r: (-value(r), r.index))[:keep]
         out = []
         target = int(round(self.items_at(generation) * self.promotion.factor**rung))
         for record in chosen:
-            local = self._local(np.asarray(record["answers"]["items"], dtype=np.int64))
+            local = self._local(record.answered()[0])
             have = {t: int((self.tasks[local] == t).sum()) for t in self.bank.tasks}
-            more = self._random_unanswered((generation, record["index"], rung),
+            more = self._random_unanswered((generation, record.index, rung),
                                            {t: max(0, target - have[t]) for t in self.bank.tasks}, local)
             if more.size:
-                out.append((record["index"], EvalRequest(record["plan"], items=tuple(int(r) for r in self.search[more]))))
+                out.append((record.index, EvalRequest(record.plan, items=tuple(int(r) for r in self.search[more]))))
         return out
 
     # ---- every answer joins the response matrix; refits ----------------------------------------------------
-    def observe(self, record: dict) -> None:
-        if record["error"] is not None or not record.get("answers"):
+    def observe(self, record: Evaluation) -> None:
+        if not record.ok or not record.answers:
             return
-        rows = np.asarray(record["answers"]["items"], dtype=np.int64)
-        self.answers[(record["generation"], record["index"])] = (self._local(rows),
-                                                                  np.asarray(record["answers"]["correct"], np.int8))
-        if record.get("eligible", True) and record["objectives"] and math.isfinite(record["objectives"][0]):
-            self.incumbent = max(self.incumbent, record["objectives"][0])
-        theta = (record.get("details") or {}).get("theta")
-        if theta is not None and record.get("rung", 0) == 0:  # the population the next weighted design aims at
-            self._thetas.setdefault(record["generation"], []).append(np.asarray(theta, dtype=float))
+        rows, correct = record.answered()
+        self.answers[record.candidate] = (self._local(rows), correct)
+        if record.eligible and record.objectives and math.isfinite(record.objectives[0]):
+            self.incumbent = max(self.incumbent, record.objectives[0])
+        theta = (record.details or {}).get("theta")
+        if theta is not None and record.rung == 0:  # the population the next weighted design aims at
+            self._thetas.setdefault(record.generation, []).append(np.asarray(theta, dtype=float))
 
     def end_generation(self, generation: int) -> dict | None:
         """Refit the item model every ``recalibrate.every`` generations (loaded from the run when resuming)."""
@@ -321,8 +321,8 @@ class CheapFitness:
         return refit_irt(model, Y, subject_ids=known[:n_calibration] + order, em_rounds=em_rounds)
 
 
-def _objective_se(record: dict) -> float:
-    se = record.get("objective_se") or [0.0]
+def _objective_se(record: Evaluation) -> float:
+    se = record.objective_se or [0.0]
     return float(se[0]) if se[0] is not None and math.isfinite(se[0]) else 0.0
 
 

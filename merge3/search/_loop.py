@@ -26,6 +26,7 @@ from merge3._errors import Merge3Error
 from merge3.runtime import CandidateResult
 from merge3.search._engines import Engine
 from merge3.search._genome import Genome
+from merge3.search._record import Evaluation
 
 WORST = 1e9  # minimised objective value of a failed candidate: worse than any accuracy
 
@@ -40,7 +41,7 @@ class Executor(Protocol):
 
 
 class Recorder(Protocol):
-    def evaluation(self, record: dict) -> None: ...
+    def evaluation(self, record: Evaluation) -> None: ...
 
     def generation(self, generation: int, summary: dict) -> None: ...
 
@@ -131,28 +132,27 @@ class Objectives:
         return [float(result.se.get(k, float("nan"))) if k else float("nan") for k in self._se_keys]
 
 
-def best_record(records: Sequence[dict]) -> dict:
+def best_record(records: Sequence[Evaluation]) -> Evaluation:
     """The best successful, eligible record by first objective (eligible: see ``SearchResult.best``)."""
-    ok = [r for r in records if r["error"] is None]
+    ok = [r for r in records if r.ok]
     if not ok:
         raise Merge3Error("no candidate was evaluated successfully")
-    eligible = [r for r in ok if r.get("eligible", True)] or ok
-    return max(eligible, key=lambda r: r["objectives"][0])
+    eligible = [r for r in ok if r.eligible] or ok
+    return max(eligible, key=lambda r: r.objectives[0])
 
 
-def latest(records: Sequence[dict]) -> list[dict]:
+def latest(records: Sequence[Evaluation]) -> list[Evaluation]:
     """The latest record (highest rung) of each candidate, by generation and index."""
-    out: dict[tuple[int, int], dict] = {}
+    out: dict[tuple[int, int], Evaluation] = {}
     for r in records:
-        key = (r["generation"], r["index"])
-        if key not in out or r.get("rung", 0) >= out[key].get("rung", 0):
-            out[key] = r
+        if r.candidate not in out or r.rung >= out[r.candidate].rung:
+            out[r.candidate] = r
     return [out[k] for k in sorted(out)]
 
 
 @dataclass
 class SearchResult:
-    records: list[dict]
+    records: list[Evaluation]
     objective_names: list[str]
     bank_items: int = 0
     stopped_by: str = "generations"
@@ -160,21 +160,21 @@ class SearchResult:
 
     @property
     def items_evaluated(self) -> int:
-        return sum(r["items_evaluated"] for r in self.records)
+        return sum(r.items_evaluated for r in self.records)
 
     @property
     def full_bank_equivalent(self) -> int:
         return len(self.records) * self.bank_items
 
-    def best(self) -> dict:
+    def best(self) -> Evaluation:
         """The record with the highest first objective among successful candidates that may be the run's best
         (with promotion: those that reached the last rung, never a first-fidelity estimate)."""
         return best_record(self.records)
 
-    def pareto(self) -> list[dict]:
+    def pareto(self) -> list[Evaluation]:
         """Non-dominated successful records (all objectives maximised)."""
-        ok = [r for r in self.records if r["error"] is None]
-        values = np.array([r["objectives"] for r in ok], dtype=float)
+        ok = [r for r in self.records if r.ok]
+        values = np.array([r.objectives for r in ok], dtype=float)
         keep = [
             i for i in range(len(ok))
             if not np.any(np.all(values >= values[i], axis=1) & np.any(values > values[i], axis=1))
@@ -191,12 +191,12 @@ class Search:
     >>> engine = make_engine("pymoo", genome.variables, 1, 8, 3, 0)   # 1 objective, population 8, 3 generations
     >>> executor = LocalExecutor(SyntheticFactory(["a", "b"], [0.8, 0.4]))
     >>> result = Search(genome, engine, executor, Objectives(["mean"], ["a", "b"])).run()
-    >>> len(result.records), result.best()["objectives"][0] > 0.9
+    >>> len(result.records), result.best().objectives[0] > 0.9
     (24, True)
     """
 
     def __init__(self, genome: Genome, engine: Engine, executor: Executor, objectives: Objectives,
-                 recorder: Recorder | None = None, replay: Mapping[tuple[int, ...], dict] | None = None,
+                 recorder: Recorder | None = None, replay: Mapping[tuple[int, ...], Evaluation] | None = None,
                  max_items: int | None = None, bank_items: int = 0, progress: Any = None, fitness: Any = None):
         self.genome, self.engine, self.executor, self.objectives = genome, engine, executor, objectives
         self.recorder = recorder
@@ -206,10 +206,10 @@ class Search:
         self.fitness = fitness  # None: the executor's scores are final (plans go out as they are)
 
     def run(self) -> SearchResult:
-        lines: list[dict] = []  # every record, every rung
+        lines: list[Evaluation] = []  # every record, every rung
         generation, stopped_by = 0, "generations"
         while not self.engine.done:
-            if self.max_items is not None and sum(r["items_evaluated"] for r in latest(lines)) >= self.max_items:
+            if self.max_items is not None and sum(r.items_evaluated for r in latest(lines)) >= self.max_items:
                 stopped_by = "max_items"
                 break
             genomes = [self.genome.normalise(g) for g in self.engine.ask()]
@@ -219,33 +219,33 @@ class Search:
             self.engine.tell(genomes, F)
             self._end_generation(generation, batch, latest(lines))
             generation += 1
-        unused = set(self.replay) - {(r["generation"], r["index"], r.get("rung", 0)) for r in lines}
+        unused = set(self.replay) - {r.key for r in lines}
         if unused:
             raise Merge3Error(f"resume: {len(unused)} recorded evaluation(s) were never asked for again; "
                               "the run's config or merge3 version changed")
         return SearchResult(latest(lines), self.objectives.names, self.bank_items, stopped_by)
 
-    def _told(self, record: dict) -> list[float]:
+    def _told(self, record: Evaluation) -> list[float]:
         """What the engine minimises: −objective (or −(objective − z·SE) when ranking by a lower bound), at the
         latest fidelity or, when the fitness says so, the first."""
         z = getattr(self.fitness, "rank_z", 0.0)
-        first = getattr(self.fitness, "engine_sees_first", False) and "first_objectives" in record
-        objectives = record["first_objectives"] if first else record["objectives"]
-        errors = record.get("first_objective_se" if first else "objective_se") or [float("nan")] * len(objectives)
+        first = getattr(self.fitness, "engine_sees_first", False) and record.first_objectives is not None
+        objectives = record.first_objectives if first else record.objectives
+        errors = (record.first_objective_se if first else record.objective_se) or [float("nan")] * len(objectives)
         values = []
         for v, se in zip(objectives, errors):
             penalty = z * se if z and se is not None and np.isfinite(se) else 0.0
             values.append(-(v - penalty) if np.isfinite(v) else WORST)
         return values
 
-    def _evaluate(self, generation: int, genomes: list[dict], lines: list[dict]) -> list[dict]:
-        batch: list[dict | None] = [None] * len(genomes)
+    def _evaluate(self, generation: int, genomes: list[dict], lines: list[Evaluation]) -> list[Evaluation]:
+        batch: list[Evaluation | None] = [None] * len(genomes)
         todo = []
         for i, genome in enumerate(genomes):
             old = self.replay.get((generation, i, 0))
             if old is None:
                 todo.append(i)
-            elif old["genome"] != genome:
+            elif old.genome != genome:
                 raise Merge3Error(f"resume: candidate {i} of generation {generation} differs from the recorded one; "
                                   "the run's config, seed or merge3 version changed")
             else:
@@ -260,7 +260,7 @@ class Search:
             batch[i] = self._keep(self._record(generation, i, genomes[i], plans[position], result, 0), lines)
         return batch  # type: ignore[return-value]
 
-    def _promote(self, generation: int, batch: list[dict], lines: list[dict]) -> list[dict]:
+    def _promote(self, generation: int, batch: list[Evaluation], lines: list[Evaluation]) -> list[Evaluation]:
         """Successive halving: the fitness's best candidates answer more items, rung by rung, before the tell."""
         promotions = getattr(self.fitness, "promotions", None)
         if promotions is None:
@@ -278,59 +278,49 @@ class Search:
                 index = todo[position][0]
                 previous = batch[index]
                 result = self.fitness.score(generation, index, result, previous=previous)
-                record = self._record(generation, index, previous["genome"], previous["plan"], result, rung)
-                record["first_objectives"] = previous.get("first_objectives", previous["objectives"])
-                record["first_objective_se"] = previous.get("first_objective_se", previous.get("objective_se"))
-                batch[index] = self._keep(record, lines)
+                record = self._record(generation, index, previous.genome, previous.plan, result, rung)
+                batch[index] = self._keep(record.promoted_from(previous), lines)
             if not asked:
                 break
         return batch
 
-    def _keep(self, record: dict, lines: list[dict], replayed: bool = False) -> dict:
+    def _keep(self, record: Evaluation, lines: list[Evaluation], replayed: bool = False) -> Evaluation:
         lines.append(record)
         if not replayed and self.recorder is not None:
             self.recorder.evaluation(record)
         if hasattr(self.fitness, "observe"):
             self.fitness.observe(record)
-        if self.progress is not None and record.get("rung", 0) == 0:
+        if self.progress is not None and record.rung == 0:
             self.progress.advance(record)
         return record
 
     def _record(self, generation: int, index: int, genome: dict, plan: list[dict], result: CandidateResult,
-                rung: int) -> dict:
+                rung: int) -> Evaluation:
         final = getattr(self.fitness, "final_rung", 0)
-        return {
-            "generation": generation,
-            "index": index,
-            "rung": rung,
-            "eligible": rung == final,
-            "genome": genome,
-            "plan": plan,
-            **result.as_dict(),
-            "objectives": self.objectives(result),
-            "objective_se": self.objectives.standard_errors(result),
-            "time": time.time(),
-        }
+        return Evaluation.of(generation, index, genome, plan, result, self.objectives(result),
+                             self.objectives.standard_errors(result), rung=rung, eligible=rung == final,
+                             time=time.time())
 
-    def _end_generation(self, generation: int, batch: list[dict], records: list[dict]) -> None:
+    def _end_generation(self, generation: int, batch: list[Evaluation], records: list[Evaluation]) -> None:
         refit = self.fitness.end_generation(generation) if hasattr(self.fitness, "end_generation") else None
         self._generation_done(generation, batch, records, refit)
 
-    def _generation_done(self, generation: int, batch: list[dict], records: list[dict], refit: dict | None) -> None:
-        ok = [r for r in records if r["error"] is None]
-        best = best_record(ok)["objectives"][0] if ok else float("nan")
-        gen_ok = [r["objectives"][0] for r in batch if r["error"] is None]
+    def _generation_done(self, generation: int, batch: list[Evaluation], records: list[Evaluation],
+                         refit: dict | None) -> None:
+        ok = [r for r in records if r.ok]
+        best = best_record(ok).objectives[0] if ok else float("nan")
+        gen_ok = [r.objectives[0] for r in batch if r.ok]
         summary = {
             "generation": generation,
             "candidates": len(batch),
-            "failed": sum(r["error"] is not None for r in batch),
+            "failed": sum(not r.ok for r in batch),
             "best_so_far": best,
             "generation_best": max(gen_ok, default=float("nan")),
             "generation_mean": float(np.mean(gen_ok)) if gen_ok else float("nan"),
-            "items_evaluated": sum(r["items_evaluated"] for r in records),
-            "promoted": sum(r.get("rung", 0) > 0 for r in batch),
+            "items_evaluated": sum(r.items_evaluated for r in records),
+            "promoted": sum(r.rung > 0 for r in batch),
             "recalibration": refit,
-            "population": [{"genome": r["genome"], "objectives": r["objectives"]} for r in batch],
+            "population": [{"genome": r.genome, "objectives": r.objectives} for r in batch],
         }
         if self.recorder is not None:
             self.recorder.generation(generation, summary)

@@ -25,9 +25,9 @@ class RichProgress:
             return f"{self.generations} generations done  best {best}"
         return f"generation {self.generation_no + 1}/{self.generations}  best {best}"
 
-    def advance(self, record: dict) -> None:
-        if record["error"] is None and record["objectives"]:
-            value = record["objectives"][0]
+    def advance(self, record) -> None:
+        if record.ok and record.objectives:
+            value = record.objectives[0]
             self.best = value if math.isnan(self.best) else max(self.best, value)
         self.bar.update(self.task, advance=1, description=self._label())
 
@@ -45,7 +45,7 @@ class QuietProgress:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
 
-    def advance(self, record: dict) -> None:
+    def advance(self, record) -> None:
         pass
 
     def generation(self, summary: dict) -> None:
