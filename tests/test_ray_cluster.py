@@ -71,8 +71,8 @@ def test_search_runs_on_a_two_node_cluster_and_both_nodes_work(digits_zoo, tmp_p
                                  capture_output=True, text=True, timeout=400)
             assert out.returncode == 0, out.stderr[-2000:]
             records = [json.loads(line) for line in (tmp_path / "cluster" / "evaluations.jsonl").read_text().splitlines()]
-            nodes = {r.worker.split("/")[1] for r in records}
-            assert len(records) == 12 and all(r.error is None for r in records)
+            nodes = {r["worker"].split("/")[1] for r in records}
+            assert len(records) == 12 and all(r["error"] is None for r in records)
             assert len(nodes) == 2, f"both nodes should have evaluated candidates, got {nodes}"
         finally:
             if worker is not None:

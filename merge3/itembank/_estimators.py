@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from merge3._errors import Merge3Error
-from merge3.models import plain
+from merge3.models import plain, write_text_atomic
 from merge3.itembank._irt import (
     DIMS_GRID,
     IRTModel,
@@ -414,9 +414,7 @@ class Estimator:
             "diagnostics": plain(self.diagnostics, nonfinite_as_none=True),
             "metadata": plain(self.metadata, nonfinite_as_none=True),
         }
-        tmp = folder / "estimator.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, folder / "estimator.json")
+        write_text_atomic(folder / "estimator.json", json.dumps(doc, indent=1))
         return folder
 
     @classmethod

@@ -223,9 +223,7 @@ class Run:
             **{f"score:{t}": s for t, s in r.scores.items()},
             "genome": dumps(r.genome), "methods": dumps([g["method"] for g in r.plan]),
         } for r in pareto])  # fmt: skip
-        tmp = self.path / ".pareto.parquet.tmp"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path / "pareto.parquet")
+        write_text_atomic(self.path / "pareto.parquet", frame.to_parquet(index=False))
         self.write_meta(
             status="finished", finished=_now(), stopped_by=result.stopped_by, candidates=len(result.records),
             items_evaluated=result.items_evaluated, full_bank_equivalent=result.full_bank_equivalent,
