@@ -191,7 +191,7 @@ def test_mp_irt_needs_endpoints(bank):
         est.estimate({j: True for j in est.items(as_indices=True)}, "mp-irt")
 
 
-@pytest.mark.filterwarnings("ignore::merge3.itembank._irt.ConstantItemWarning")
+@pytest.mark.filterwarnings("ignore::merge3.itembank.ConstantItemWarning")
 def test_calibrate_bad_input(bank):
     R, tasks = bank.responses[:60, :100], bank.tasks[:100]
     with pytest.raises(Merge3Error, match="duplicate item ids"):

@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 
 from merge3._errors import Merge3Error
-from merge3.itembank._irt import (
-    ConstantItemWarning,
-    IRTModel,
-    fit_irt,
-    response_matrix,
-    sigmoid,
-)
+from merge3.itembank import ConstantItemWarning, IRTModel, fit_irt, sigmoid
+from merge3.itembank._responses import response_matrix
 from merge3.itembank._synthetic_irt import simulate_bank
 
 
@@ -83,7 +78,7 @@ def test_dimension_selection_picks_the_true_dimension():
     assert "D=4" in m.summary()
 
 
-@pytest.mark.filterwarnings("ignore::merge3.itembank._irt.ConstantItemWarning")
+@pytest.mark.filterwarnings("ignore::merge3.itembank.ConstantItemWarning")
 def test_dimension_selection_skips_dims_with_too_few_subjects():
     bank = simulate_bank(n_subjects=30, items_per_task=40, dims=1, seed=0)
     m = fit_irt(bank.responses, kind="mirt", dims="auto", dims_grid=(1, 2, 15), seed=0)

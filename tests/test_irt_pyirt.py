@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("py_irt")
 
-from merge3.itembank._irt import fit_irt  # noqa: E402
+from merge3.itembank import fit_irt  # noqa: E402
 from merge3.itembank._synthetic_irt import simulate_bank  # noqa: E402
 
 

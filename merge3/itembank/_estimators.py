@@ -43,23 +43,18 @@ import numpy as np
 
 from merge3._errors import Merge3Error
 from merge3.models import plain, write_text_atomic
-from merge3.itembank._irt import (
+from merge3.itembank._irt import IRTModel, map_logistic
+from merge3.itembank._irt_fit import (
     DIMS_GRID,
-    IRTModel,
     _check_enough_subjects,
     _check_kind,
     _defaults,
     _fit_map,
     _split_subjects,
     _to_model,
-    _warn_constant_items,
-    check_item_ids,
-    check_tasks,
-    map_logistic,
-    response_matrix,
     select_dims,
-    task_order,
 )
+from merge3.itembank._responses import _warn_constant_items, check_item_ids, check_tasks, response_matrix, task_order
 from merge3.itembank._subsets import SUBSET_METHODS, Subset, select_subset
 
 ESTIMATORS = ("naive", "irt", "p-irt", "gp-irt", "mp-irt", "gmp-irt")
@@ -469,9 +464,9 @@ def _final_fit(Y: np.ndarray, M: np.ndarray, D: int, backend: str, fit_kw: dict)
     if backend == "torch":
         return _fit_map(Y, M, D=D, **fit_kw)
     if backend == "py-irt":
-        from merge3.itembank._irt import _fit_pyirt
+        from merge3.itembank._pyirt import fit_pyirt
 
-        return _fit_pyirt(Y, M, kind=fit_kw["kind"], D=D, seed=fit_kw["seed"], epochs=2000, lr=0.1)
+        return fit_pyirt(Y, M, kind=fit_kw["kind"], D=D, seed=fit_kw["seed"], epochs=2000, lr=0.1)
     raise Merge3Error(f"unknown IRT backend {backend!r}; use 'torch' or 'py-irt'")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from merge3._errors import Merge3Error
 from merge3.itembank._estimators import ESTIMATORS, Estimator, _NEEDS_ENDPOINTS, _task_accuracy
-from merge3.itembank._irt import check_tasks, response_matrix
+from merge3.itembank._responses import check_tasks, response_matrix
 from merge3.itembank._subsets import SUBSET_METHODS
 
 FIDELITY_NS = (5, 10, 20, 50, 100)

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from merge3._errors import Merge3Error
-from merge3.itembank._irt import IRTModel, task_order
+from merge3.itembank._irt import IRTModel
+from merge3.itembank._responses import task_order
 
 SUBSET_METHODS = ("random", "anchor-irt", "anchor-correct")
 
