@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from merge3._errors import Merge3Error
+from merge3.itembank import IRTFit
 from merge3.itembank._estimators import Estimate, Estimator
 from merge3.itembank._fidelity import fidelity_benchmark, format_fidelity_table
 from merge3.itembank._subsets import select_subset
@@ -27,8 +28,8 @@ def bank():
 @pytest.fixture(scope="module")
 def estimator(bank):
     return Estimator.calibrate(
-        bank.responses[:160], bank.tasks, ns=(10, 20), subset_methods=("random", "anchor-irt"), kind="2pl",
-        endpoints=[0, 1, 2], seed=0,
+        bank.responses[:160], bank.tasks, ns=(10, 20), subset_methods=("random", "anchor-irt"),
+        fit=IRTFit(kind="2pl"), endpoints=[0, 1, 2], seed=0,
     )
 
 
@@ -145,7 +146,7 @@ def test_fitted_constants_are_sane(estimator):
 
 
 def test_calibration_is_reproducible(bank):
-    kw = dict(ns=(10,), subset_methods=("anchor-irt",), kind="2pl", seed=1)
+    kw = dict(ns=(10,), subset_methods=("anchor-irt",), fit=IRTFit(kind="2pl"), seed=1)
     a = Estimator.calibrate(bank.responses[:80, :400], bank.tasks[:400], **kw)
     b = Estimator.calibrate(bank.responses[:80, :400], bank.tasks[:400], **kw)
     assert np.array_equal(a.model.b, b.model.b)
@@ -176,7 +177,7 @@ def test_mp_irt_on_synthetic_merges():
     R_cal = np.vstack([base.sample(E, 5), base.sample(th_cal, 6)])
     R_new = base.sample(th_new, 7)
     est = Estimator.calibrate(R_cal, base.tasks, endpoints=[0, 1, 2, 3], ns=(10,), subset_methods=("random",),
-                              kind="mirt", dims=3, seed=0)
+                              fit=IRTFit(kind="mirt", dims=3), seed=0)
     assert est.endpoint_theta.shape == (4, 3) and est.endpoint_ids == ["0", "1", "2", "3"]
     truth = np.stack([R_new[:, base.tasks == t].mean(1) for t in ("x", "y", "z")], 1)
     errs = {m: mae(est.estimate_matrix(R_new, m, n=10, subset="random"), truth)
@@ -186,7 +187,8 @@ def test_mp_irt_on_synthetic_merges():
 
 
 def test_mp_irt_needs_endpoints(bank):
-    est = Estimator.calibrate(bank.responses[:60, :200], bank.tasks[:200], ns=(5,), subset_methods=("random",), kind="1pl", seed=0)
+    est = Estimator.calibrate(bank.responses[:60, :200], bank.tasks[:200], ns=(5,), subset_methods=("random",),
+                              fit=IRTFit(kind="1pl"), seed=0)
     with pytest.raises(Merge3Error, match="needs endpoint abilities"):
         est.estimate({j: True for j in est.items(as_indices=True)}, "mp-irt")
 
@@ -195,21 +197,21 @@ def test_mp_irt_needs_endpoints(bank):
 def test_calibrate_bad_input(bank):
     R, tasks = bank.responses[:60, :100], bank.tasks[:100]
     with pytest.raises(Merge3Error, match="duplicate item ids"):
-        Estimator.calibrate(R, tasks, item_ids=["a"] * 100, kind="1pl")
+        Estimator.calibrate(R, tasks, item_ids=["a"] * 100, fit=IRTFit(kind="1pl"))
     with pytest.raises(Merge3Error, match="task\\(s\\) with no items"):
-        Estimator.calibrate(R, tasks, task_names=["t0", "t9"], kind="1pl")
+        Estimator.calibrate(R, tasks, task_names=["t0", "t9"], fit=IRTFit(kind="1pl"))
     with pytest.raises(Merge3Error, match="not a calibration subject"):
-        Estimator.calibrate(R, tasks, endpoints=["model-x"], kind="1pl")
+        Estimator.calibrate(R, tasks, endpoints=["model-x"], fit=IRTFit(kind="1pl"))
     with pytest.raises(Merge3Error, match="too few"):
-        Estimator.calibrate(R[:4], tasks, kind="1pl")
+        Estimator.calibrate(R[:4], tasks, fit=IRTFit(kind="1pl"))
     with pytest.raises(Merge3Error, match="too few for a 20-dimensional"):
-        Estimator.calibrate(R, tasks, kind="mirt", dims=20)
+        Estimator.calibrate(R, tasks, fit=IRTFit(kind="mirt", dims=20))
 
 
 def test_fidelity_benchmark_smoke():
     bank = simulate_bank(n_subjects=100, items_per_task=120, tasks=("x", "y"), dims=1, seed=5)
     rows = fidelity_benchmark(bank.responses[:70], bank.tasks, bank.responses[70:], endpoints=[0, 1], ns=(5, 20),
-                              subset_methods=("random", "anchor-correct"), kind="2pl", seed=0)
+                              subset_methods=("random", "anchor-correct"), fit=IRTFit(kind="2pl"), seed=0)
     assert len(rows) == 2 * 2 * 6
     for r in rows:
         assert np.isfinite(r["mae"]) and np.isfinite(r["max_error"]) and r["max_error"] >= r["mae"]

@@ -10,7 +10,7 @@ import yaml
 
 import merge3
 from merge3 import Merge3Error
-from merge3.itembank import AdaptiveTest, Estimator, ItemBank, estimate_answered, refit_irt, scaled_weight
+from merge3.itembank import AdaptiveTest, Estimator, IRTFit, ItemBank, estimate_answered, refit_irt, scaled_weight
 from merge3.itembank._synthetic_irt import simulate_bank
 from merge3.runs import Run
 
@@ -24,7 +24,8 @@ from _runs import strip, wait_for_lines
 @pytest.fixture(scope="module")
 def synthetic():
     truth = simulate_bank(n_subjects=150, items_per_task=150, tasks=("x", "y"), dims=1, seed=3)
-    est = Estimator.calibrate(truth.responses, truth.tasks, ns=(10, 20), subset_methods=("random",), kind="2pl", seed=0)
+    est = Estimator.calibrate(truth.responses, truth.tasks, ns=(10, 20), subset_methods=("random",),
+                              fit=IRTFit(kind="2pl"), seed=0)
     return truth, est
 
 
@@ -66,7 +67,8 @@ def test_recalibration_recovers_items_a_low_ability_calibration_never_saw_answer
     rng = np.random.default_rng(0)
     truth = simulate_bank(n_subjects=10, items_per_task=150, tasks=("x", "y"), dims=1, seed=3)
     weak = truth.sample(rng.normal(-1.5, 0.4, size=(120, 1)), 1)
-    est = Estimator.calibrate(weak, truth.tasks, ns=(10,), subset_methods=("random",), kind="2pl", seed=0)
+    est = Estimator.calibrate(weak, truth.tasks, ns=(10,), subset_methods=("random",),
+                              fit=IRTFit(kind="2pl"), seed=0)
     strong = truth.sample(rng.normal(1.5, 0.4, size=(300, 1)), 2)
     seen = np.where(rng.random(strong.shape) < 0.15, strong, np.nan)  # each answered ~45 items
     refitted = replace(est, model=refit_irt(est.model, np.concatenate([weak, seen])))

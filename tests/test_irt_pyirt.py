@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("py_irt")
 
-from merge3.itembank import fit_irt  # noqa: E402
+from merge3.itembank import IRTFit, fit_irt  # noqa: E402
 from merge3.itembank._synthetic_irt import simulate_bank  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def test_estimator_calibration_with_the_pyirt_backend():
     from merge3.itembank._estimators import Estimator
 
     bank = simulate_bank(n_subjects=60, items_per_task=40, tasks=("x", "y"), seed=1)
-    est = Estimator.calibrate(bank.responses, bank.tasks, ns=(10,), kind="2pl", seed=0, backend="py-irt")
+    est = Estimator.calibrate(bank.responses, bank.tasks, ns=(10,), seed=0, fit=IRTFit(kind="2pl", backend="py-irt"))
     assert est.metadata["backend"] == "py-irt" and est.model.metadata["backend"] == "py-irt"
     answers = {i: bool(bank.responses[3, i]) for i in est.items(as_indices=True)}
     assert 0 <= est.estimate(answers, "gp-irt").overall <= 1

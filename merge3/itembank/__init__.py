@@ -40,7 +40,7 @@ from merge3.itembank._from_file import FileTask, bank_from_file
 from merge3.itembank._estimators import ESTIMATORS, Estimate, Estimator
 from merge3.itembank._fidelity import FIDELITY_NS, fidelity_benchmark, format_fidelity_table
 from merge3.itembank._irt import IRTConvergenceWarning, IRTModel, sigmoid
-from merge3.itembank._irt_fit import DIMS_GRID, fit_irt, refit_irt
+from merge3.itembank._irt_fit import DIMS_GRID, IRTFit, fit_irt, refit_irt
 from merge3.itembank._responses import ConstantItemWarning
 from merge3.itembank._adaptive import AdaptiveTest
 from merge3.itembank._online import ONLINE_ESTIMATORS, AnsweredEstimate, estimate_answered, naive_estimate, scaled_weight
@@ -56,6 +56,7 @@ __all__ = [
     "AnsweredEstimate",
     "estimate_answered",
     "naive_estimate",
+    "IRTFit",
     "refit_irt",
     "scaled_weight",
     "sigmoid",

@@ -22,8 +22,9 @@ For a candidate with answers y on the subset S_t (n_t of the N_t items of task t
 
 >>> import numpy as np
 >>> from merge3.itembank._synthetic_irt import simulate_bank
+>>> from merge3.itembank import IRTFit
 >>> bank = simulate_bank(n_subjects=60, items_per_task=60, tasks=("x", "y"), seed=1)
->>> est = Estimator.calibrate(bank.responses, bank.tasks, ns=(10,), kind="2pl", endpoints=[0, 1], seed=0)
+>>> est = Estimator.calibrate(bank.responses, bank.tasks, ns=(10,), fit=IRTFit(kind="2pl"), endpoints=[0, 1], seed=0)
 >>> answers = {i: bool(bank.responses[5, i]) for i in est.items(as_indices=True)}
 >>> e = est.estimate(answers, "gp-irt")
 >>> e.items_evaluated, sorted(e.per_task), 0 <= e.overall <= 1
@@ -45,7 +46,7 @@ from merge3._errors import Merge3Error
 from merge3.models import plain, write_text_atomic
 from merge3.itembank._irt import IRTModel, map_logistic
 from merge3.itembank._irt_fit import (
-    DIMS_GRID,
+    IRTFit,
     _check_enough_subjects,
     _check_kind,
     _defaults,
@@ -110,19 +111,11 @@ class Estimator:
         endpoints: Sequence[int | str] | None = None,
         ns: Sequence[int] = (20,),
         subset_methods: Sequence[str] = ("anchor-irt",),
-        kind: str = "mirt",
-        dims: int | str = "auto",
-        dims_grid: Sequence[int] = DIMS_GRID,
+        fit: IRTFit = IRTFit(),
         seed: int = 0,
         validation_fraction: float = 0.2,
         mp_prior_scale: float | str | None = "auto",
         gp_lambda: str = "validation",
-        refit: bool = True,
-        optimizer: str = "lbfgs",
-        epochs: int | None = None,
-        lr: float | None = None,
-        positive_a: bool = False,
-        backend: str = "torch",
     ) -> "Estimator":
         """Fit IRT, pick subsets for every (subset method, n) and fit λ*/δ on held-out validation subjects.
 
@@ -131,7 +124,11 @@ class Estimator:
         the training split. A seeded ``validation_fraction`` of the other subjects is held out: it chooses D
         (``dims="auto"``) and fits λ*/δ against the IRT model fitted on the rest. ``refit`` then refits the chosen
         model on all subjects (subsets and λ*/δ are kept; they were fitted one step more pessimistically).
+        ``fit`` says how the item model is fitted (``IRTFit``: kind, dimension, optimiser, backend, refit).
         """
+        if not isinstance(fit, IRTFit):
+            raise Merge3Error(f"fit must be an IRTFit (e.g. IRTFit(kind='2pl')), got {fit!r}")
+        kind, dims, dims_grid, backend, refit = fit.kind, fit.dims, fit.dims_grid, fit.backend, fit.refit
         _check_kind(kind, dims)
         if backend != "torch" and not refit:
             raise Merge3Error(f"backend {backend!r} fits the final model on all subjects: it needs refit=True")
@@ -150,8 +147,8 @@ class Estimator:
             if m not in SUBSET_METHODS:
                 raise Merge3Error(f"unknown subset method {m!r}; use one of {SUBSET_METHODS}")
         n_const = _warn_constant_items(Y, M, ids)
-        epochs, lr = _defaults(optimizer, epochs, lr)
-        fit_kw = dict(kind=kind, seed=seed, optimizer=optimizer, epochs=epochs, lr=lr, positive_a=positive_a)
+        epochs, lr = _defaults(fit.optimizer, fit.epochs, fit.lr)
+        fit_kw = dict(kind=kind, seed=seed, optimizer=fit.optimizer, epochs=epochs, lr=lr, positive_a=fit.positive_a)
 
         train, val = _split_subjects(S, validation_fraction, seed, keep_in_train=ends)
         if val.size < 2:
@@ -162,14 +159,14 @@ class Estimator:
         selection = None
         if kind == "mirt" and dims in ("auto", None):
             D, selection, fits = select_dims(Y, M, train, val, dims_grid, **fit_kw)
-            fit = fits[D]
+            fitted = fits[D]
         else:
             D = 1 if kind != "mirt" else int(dims)
             _check_enough_subjects(train.size, D)
-            fit = _fit_map(Y[train], M[train], D=D, **fit_kw)
+            fitted = _fit_map(Y[train], M[train], D=D, **fit_kw)
         meta = {**fit_kw, "backend": backend, "dims": dims, "n_subjects": S, "train_subjects": [subj[i] for i in train],
                 "validation_subjects": [subj[i] for i in val], "validation_fraction": validation_fraction}
-        model = _to_model(fit, kind, ids, labels, [subj[i] for i in train], meta)
+        model = _to_model(fitted, kind, ids, labels, [subj[i] for i in train], meta)
         pos = {int(s): k for k, s in enumerate(train)}
         theta_e = model.theta[[pos[e] for e in ends]] if ends else None
 
@@ -189,7 +186,7 @@ class Estimator:
         if refit:
             final = _final_fit(Y, M, D, backend, fit_kw)
             final.diagnostics["dims_selection"] = selection
-            final.diagnostics["validation_fit"] = fit.diagnostics
+            final.diagnostics["validation_fit"] = fitted.diagnostics
             est.model = _to_model(final, kind, ids, labels, subj, {**meta, "refit_on_all_subjects": True})
             est.endpoint_theta = est.model.theta[ends] if ends else None
         est.metadata = {"seed": seed, "ns": ns, "subset_methods": list(subset_methods), "refit": refit,

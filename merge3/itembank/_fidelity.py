@@ -3,8 +3,9 @@
 >>> import numpy as np
 >>> from merge3.itembank._synthetic_irt import simulate_bank
 >>> bank = simulate_bank(n_subjects=60, items_per_task=40, tasks=("x", "y"), seed=0)
+>>> from merge3.itembank import IRTFit
 >>> rows = fidelity_benchmark(bank.responses[:45], bank.tasks, bank.responses[45:], ns=(5,),
-...                           subset_methods=("random",), kind="2pl", seed=0)
+...                           subset_methods=("random",), fit=IRTFit(kind="2pl"), seed=0)
 >>> sorted({r["estimator"] for r in rows})
 ['gp-irt', 'irt', 'naive', 'p-irt']
 >>> print(format_fidelity_table(rows).splitlines()[0].split())

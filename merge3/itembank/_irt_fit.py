@@ -27,6 +27,28 @@ _SCREEN_EPOCHS, _SCREEN_EM_ROUNDS = 100, 3  # dimension screening: see select_di
 # Fitting (torch)
 
 
+@dataclass(frozen=True)
+class IRTFit:
+    """How an item model is fitted: the model (``kind`` 1pl | 2pl | mirt, and its dimension ``dims``: a number, or
+    "auto" to choose among ``dims_grid`` by held-out likelihood), the optimiser (``optimizer``, ``epochs``, ``lr``:
+    None = the optimiser's defaults), ``positive_a`` (discriminations kept positive), the ``backend`` (torch MAP or
+    py-irt's SVI) and ``refit`` (refit the chosen model on every subject once subsets and blends are fitted).
+
+    >>> IRTFit(kind="2pl").dims, IRTFit().kind
+    ('auto', 'mirt')
+    """
+
+    kind: str = "mirt"
+    dims: int | str = "auto"
+    dims_grid: tuple[int, ...] = DIMS_GRID
+    optimizer: str = "lbfgs"
+    epochs: int | None = None
+    lr: float | None = None
+    positive_a: bool = False
+    backend: str = "torch"
+    refit: bool = True
+
+
 @dataclass
 class _Fit:
     theta: np.ndarray

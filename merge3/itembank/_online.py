@@ -25,9 +25,10 @@ all answers under the calibration population prior, P_j = P(item j right | θ̂)
 
 >>> import numpy as np
 >>> from merge3.itembank._synthetic_irt import simulate_bank
->>> from merge3.itembank import Estimator
+>>> from merge3.itembank import Estimator, IRTFit
 >>> bank = simulate_bank(n_subjects=60, items_per_task=60, tasks=("x", "y"), seed=1)
->>> est = Estimator.calibrate(bank.responses, bank.tasks, ns=(10,), subset_methods=("random",), kind="2pl", seed=0)
+>>> est = Estimator.calibrate(bank.responses, bank.tasks, ns=(10,), subset_methods=("random",),
+...                           fit=IRTFit(kind="2pl"), seed=0)
 >>> items = np.arange(0, 120, 4)  # any 30 items
 >>> e = estimate_answered(est, items, bank.responses[5, items], "gp-irt")
 >>> sorted(e.per_task), 0 <= e.mean <= 1, e.se_mean > 0

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from merge3._errors import Merge3Error
-from merge3.itembank import Estimator, ItemBank
+from merge3.itembank import Estimator, IRTFit, ItemBank
 from merge3.methods import MERGES_REVISION, get_method
 from merge3.models import atomic_dir, file_sha256, weight_files
 from merge3.runtime import EvalRequest
@@ -96,7 +96,7 @@ def calibrate_bank(bank_path: str | Path, base: str, endpoints: list[str], setti
             responses.astype(float), bank.task_of[search], item_ids=[bank.item_ids[i] for i in search],
             subject_ids=[s["id"] for s in subjects],
             task_names=bank.tasks, endpoints=names, ns=settings.ns, subset_methods=settings.subset_methods,
-            kind=settings.kind, dims=settings.dims, seed=settings.seed, backend=settings.backend,
+            fit=IRTFit(kind=settings.kind, dims=settings.dims, backend=settings.backend), seed=settings.seed,
         )
     finally:
         torch.set_num_threads(threads)
