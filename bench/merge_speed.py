@@ -149,6 +149,10 @@ def method_plans(work: Workload, rng: torch.Generator) -> dict[str, Callable[[],
         "ties (model trim)": whole("ties", weights=weights, density=lambda: draw(0.1, 0.9), trim="model"),
         "dare linear": whole("dare", weights=weights, drop_rate=lambda: draw(0.1, 0.9)),
         "dare ties": whole("dare", weights=weights, drop_rate=lambda: draw(0.1, 0.9), combine="ties"),
+        "ties (per-model density)": whole("ties", weights=weights, density=0.5,
+                                          densities=lambda: [draw(0.1, 0.9) for _ in range(n)]),
+        "della": whole("della", weights=weights, density=lambda: draw(0.3, 0.7), epsilon=0.1),
+        "breadcrumbs": whole("breadcrumbs", weights=weights, density=lambda: draw(0.5, 0.95), gamma=0.01),
         "linear": whole("linear", weights=weights),
         "per-layer mix (ta/ties/dare)": per_layer,
     }
@@ -184,9 +188,8 @@ def bench_workload(work: Workload, repeats: int, pure_repeats: int, folder: Path
         }
         log(f"{label:32s} build {build_s * 1e3:8.0f} ms  pure {pure_s * 1e3:8.0f} ms  precompute {pre:6.1f} s  "
             f"cache {rows[label]['cache_gb']:.1f} GB")
-        builder.forget("uniforms")  # keep memory bounded between methods
-        builder.forget("sorted")
-        builder.forget("sorted_global")
+        for kind in ("uniforms", "sorted", "sorted_global", "della_ranks"):  # keep memory bounded between methods
+            builder.forget(kind)
     return {"name": work.name, "params": work.n_params, "bytes": work.n_bytes, "n_models": len(work.models),
             "task_vectors_s": setup_s, "copy_s": copy_s, "copy_gbps": work.n_bytes / copy_s / 1e9, "disk_roundtrip_s": disk_s, "methods": rows}
 
