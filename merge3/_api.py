@@ -27,6 +27,7 @@ from merge3.search import (
     make_engine,
     make_fitness,
     parse_space,
+    rank_key,
 )
 
 ObjectiveSpec = str | Callable[[CandidateResult], float]
@@ -87,12 +88,13 @@ def validate(space: SearchSpace, objectives: Sequence[ObjectiveSpec], factory=No
     models (compatible, finite), bank (items, heads, tokenizer), device, fitness and objectives."""
     custom = factory is not None
     factory = factory or MergeWorkloadFactory.from_space(space)
-    fitness = None
+    fitness, chance = None, None
     if not custom:  # a custom factory answers plans its own way
         factory.check_inputs()
-        fitness = make_fitness(space.bank, ItemBank.load(factory.bank), space.seed,
-                               generations=space.engine.generations)
-    obj = Objectives(objectives, factory.tasks)
+        bank = ItemBank.load(factory.bank)
+        fitness = make_fitness(space.bank, bank, space.seed, generations=space.engine.generations)
+        chance = bank.chance_accuracy()
+    obj = Objectives(objectives, factory.tasks, chance=chance)
     genome = Genome(
         factory.groups, space.genome.methods, factory.n_models,
         weight_range=(space.genome.weights.low, space.genome.weights.high),
@@ -233,7 +235,7 @@ def top_records(run: Run, top: int) -> list[Evaluation]:
     promotion rung before the others)."""
     seen, out = set(), []
     ok = (r for r in run.records() if r.error is None)
-    for record in sorted(ok, key=lambda r: (not r.eligible, -r.objectives[0])):
+    for record in sorted(ok, key=rank_key):
         key = json.dumps(record.genome, sort_keys=True)
         if key not in seen:
             seen.add(key)

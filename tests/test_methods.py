@@ -386,8 +386,18 @@ def test_tsv_compress_truncates_each_task_matrix():
 def test_analogy_and_negation():
     z = {"w": torch.zeros(2)}
     a, b, c = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.0, 1.0])}, {"w": torch.tensor([0.0, 5.0])}
-    assert mm.analogy(z, a, b, c)["w"].tolist() == [1.0, 6.0]
+    assert mm.analogy(z, [a, b, c])["w"].tolist() == [1.0, 6.0]
+    assert mm.analogy(z, [b, c, a], roles=["b", "c", "a"], scale=0.5)["w"].tolist() == [0.5, 3.0]
     assert mm.task_arithmetic(z, [a], weights=[-1.0])["w"].tolist() == [-1.0, 0.0]
+    with pytest.raises(Merge3Error, match=r"analogy: roles must name a, b and c once each, got \['a', 'a', 'c'\]"):
+        mm.analogy(z, [a, b, c], roles=["a", "a", "c"])
+    with pytest.raises(Merge3Error, match="analogy: needs exactly three models"):
+        mm.analogy(z, [a, b])
+    per_layer = mm.merge_groups({"l.0.w": z["w"], "l.1.w": z["w"]},
+                                [{"l.0.w": m["w"], "l.1.w": m["w"]} for m in (a, b, c)],
+                                [GroupPlan("l0", ["l.0.*"], "analogy", {"scale": 1.0}),
+                                 GroupPlan("l1", ["l.1.*"], "analogy", {"scale": 2.0})])
+    assert per_layer["l.0.w"].tolist() == [1.0, 6.0] and per_layer["l.1.w"].tolist() == [2.0, 12.0]
 
 
 def test_merges_compute_in_float32_and_keep_the_base_dtype():

@@ -231,6 +231,32 @@ def test_config_errors_name_the_field(hf_models, tmp_path, text, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_analogy_yaml_equals_the_function(hf_models, tmp_path):
+    config = _write(hf_models, "analogy.yaml", """merge_method: analogy
+base_model: base
+models:
+  - {model: m2, parameters: {role: b}}
+  - {model: m1, parameters: {role: a}}
+  - {model: base, parameters: {role: c}}
+parameters: {scale: 0.7}
+""")
+    ours = load_state_dict(merge_from_config(config, tmp_path / "out"))
+    base, m1, m2 = (load_state_dict(hf_models / n) for n in ("base", "m1", "m2"))
+    expected = mm.analogy(base, [m1, m2, base], scale=0.7)  # a = m1, b = m2, c = base
+    for key in expected:
+        assert torch.allclose(ours[key].float(), expected[key].float(), atol=1e-6), key
+    missing = _write(hf_models, "analogy-missing.yaml", "merge_method: analogy\nbase_model: base\nmodels:\n"
+                     "  - {model: m1, parameters: {role: a}}\n  - {model: m2}\n  - {model: base, parameters: {role: c}}\n")
+    with pytest.raises(Merge3Error, match=r"field 'models.1.parameters.role' is missing: analogy needs a role"):
+        merge_from_config(missing, tmp_path / "missing")
+    twice = _write(hf_models, "analogy-twice.yaml", "merge_method: analogy\nbase_model: base\nmodels:\n"
+                   "  - {model: m1, parameters: {role: a}}\n  - {model: m2, parameters: {role: a}}\n"
+                   "  - {model: base, parameters: {role: c}}\n")
+    with pytest.raises(Merge3Error, match=r"roles must name a, b and c once each"):
+        merge_from_config(twice, tmp_path / "twice")
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "twice").exists()
+
+
 def test_mergekit_names_are_translated():
     from merge3.methods._yaml_merge import MergeConfig
 

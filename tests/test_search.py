@@ -7,7 +7,7 @@ import pytest
 from merge3 import Merge3Error
 from merge3.runs import Run
 from merge3.runtime import CandidateResult
-from merge3.search import Genome, Objectives, Search, make_engine, parse_space
+from merge3.search import Genome, Objectives, Search, make_engine, parse_space, rank_key
 
 import _synthetic  # noqa: F401  (registers the synthetic methods)
 
@@ -320,3 +320,47 @@ def test_cmaes_engine_refuses_choices_and_several_objectives():
         make_engine("cmaes", single.variables, 1, 3, 2, 0)
     with pytest.raises(Merge3Error, match="engine.algorithm: the 'cmaes' engine has no algorithm 'ga'"):
         make_engine("cmaes", single.variables, 1, 8, 2, 0, algorithm="ga")
+
+
+@pytest.mark.parametrize("engine", ["pymoo", "optuna"])
+def test_forget_objective_lowers_its_task_while_keep_constraints_hold(engine):
+    """t0 is driven down (to its chance floor at best) while t1 and t2 must stay ≥ 0.9: the best record is feasible,
+    forgets t0 far below what the addition merge gives it, and no infeasible record ranks above a feasible one."""
+    search = make_search(engine, objectives=("forget:t0", "keep:t1>=0.9", "keep:t2>=0.9"), generations=8,
+                         population=16)
+    search.objectives = Objectives(["forget:t0", "keep:t1>=0.9", "keep:t2>=0.9"], TASKS, chance={"t0": 0.2})
+    result = search.run()
+    best = result.best()
+    assert best.violation == 0 and best.scores["t1"] >= 0.9 and best.scores["t2"] >= 0.9
+    added = synthetic_scores([{"method": "_synthetic_soft", "params": {"weights": list(TARGET)}}] * 2)
+    assert best.scores["t0"] < added["t0"] - 0.4, "the forgotten task ends far below the best addition merge"
+    assert best.objectives == [-max(best.scores["t0"], 0.2)]
+    feasible = [r for r in result.records if r.ok and r.violation == 0]
+    infeasible = [r for r in result.records if r.ok and r.violation > 0]
+    assert feasible and infeasible, "both kinds were visited"
+    told = [search._told(r)[0] for r in feasible], [search._told(r)[0] for r in infeasible]
+    assert max(told[0]) < min(told[1]), "every infeasible candidate is told worse than every feasible one"
+    ranked = sorted(result.records, key=rank_key)
+    assert all(r.violation == 0 for r in ranked[:len(feasible)])
+
+
+def test_forget_and_keep_refuse_bad_specs():
+    with pytest.raises(Merge3Error, match=r"objectives: 'forget:t9' names task 't9', which the bank does not have"):
+        Objectives(["forget:t9"], TASKS)
+    with pytest.raises(Merge3Error, match=r"the threshold 1.5 is outside \[0, 1\]"):
+        Objectives(["mean", "keep:t1>=1.5"], TASKS)
+    with pytest.raises(Merge3Error, match=r"'keep:t1>0.5' is not keep:<task>>=<threshold>"):
+        Objectives(["mean", "keep:t1>0.5"], TASKS)
+    with pytest.raises(Merge3Error, match=r"the threshold 'high' is not a number"):
+        Objectives(["mean", "keep:t1>=high"], TASKS)
+    with pytest.raises(Merge3Error, match=r"keep:… entries are constraints; give at least one objective"):
+        Objectives(["keep:t1>=0.5"], TASKS)
+    with pytest.raises(Merge3Error, match=r"names task 'nope'"):
+        Objectives(["mean", "keep:nope>=0.5"], TASKS)
+
+
+def test_analogy_genome_evolves_one_coefficient_per_group_on_the_analogy_direction():
+    genome = Genome(["l.0", "l.1"], ["analogy"], n_models=3, fixed={"analogy.roles": ["b", "a", "c"]})
+    assert sorted(genome.variables) == ["l.0|analogy.scale", "l.1|analogy.scale"]
+    plan = genome.decode({"l.0|analogy.scale": 0.5, "l.1|analogy.scale": 1.5})
+    assert [c.params for c in plan] == [{"scale": 0.5, "roles": ["b", "a", "c"]}, {"scale": 1.5, "roles": ["b", "a", "c"]}]

@@ -327,6 +327,19 @@ class ItemBank:
             out[split] = self.per_task_accuracy(correct[keep], indices[keep]) if keep.any() else None
         return out
 
+    def chance_accuracy(self, split: str = "search") -> dict[str, float]:
+        """Per task, the accuracy of always giving the task's most frequent answer on ``split``: what a model that
+        has forgotten the task still scores (the floor of a ``forget:`` objective)."""
+        rows = self.split_indices(split)
+        answers = self.items["answer"].astype(str).to_numpy()[rows]
+        tasks = self.task_of[rows]
+        out = {}
+        for task in self.tasks:
+            mine = answers[tasks == task]
+            if mine.size:
+                out[task] = float(pd.Series(mine).value_counts().iloc[0] / mine.size)
+        return out
+
     def per_task_accuracy(self, correct: np.ndarray, indices: np.ndarray | None = None) -> dict[str, float]:
         """Mean correctness per task for ``correct`` aligned with ``indices`` (all items when None)."""
         indices = np.arange(len(self)) if indices is None else np.asarray(indices)

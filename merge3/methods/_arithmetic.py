@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import torch
 
+from merge3._errors import Merge3Error
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
@@ -69,15 +70,40 @@ def task_arithmetic(
     """
 
 
-def analogy(base: StateDict, a: StateDict, b: StateDict, c: StateDict, scale: LayerValue = 1.0) -> StateDict:
-    """"A is to B as C is to D": θ_D ≈ θ₀ + scale · (τ_C + τ_B − τ_A).
+ROLES = ("a", "b", "c")
+_ROLE_SIGN = {"a": -1.0, "b": 1.0, "c": 1.0}
+
+
+def _check_analogy(params: dict, n_models: int) -> None:
+    if n_models != 3:
+        raise Merge3Error(f"analogy: needs exactly three models (roles a, b, c), got {n_models}")
+    roles = params.get("roles") or ROLES
+    if not isinstance(roles, (list, tuple)) or sorted(map(str, roles)) != sorted(ROLES):
+        raise Merge3Error(f"analogy: roles must name a, b and c once each, got {list(roles) if isinstance(roles, (list, tuple)) else roles!r}")
+
+
+def _analogy_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
+    signs = [_ROLE_SIGN[r] for r in (p["roles"] or ROLES)]
+    add_weighted(out, inputs.anchor32(key), inputs.deltas(key), [p["scale"] * x for x in signs])
+
+
+@merge_method(kernel=Kernel(_analogy_key), check=_check_analogy, label="analogy")
+def analogy(
+    base: StateDict,
+    models: Sequence[StateDict],
+    scale: Scale = 1.0,
+    roles: Optional[Sequence[str]] = None,
+) -> StateDict:
+    """"A is to B as C is to D": θ_D ≈ θ₀ + scale · (τ_c + τ_b − τ_a), for three models in the order a, b, c (or in any
+    order, with ``roles`` naming each one's role). ``scale`` may be given per layer, which is what a genome over
+    ``analogy`` evolves (one coefficient on the analogy direction per layer group).
 
     >>> import torch
     >>> z = {"w": torch.zeros(1)}
-    >>> analogy(z, {"w": torch.ones(1)}, {"w": torch.full((1,), 3.)}, {"w": torch.full((1,), 5.)})["w"].tolist()
-    [7.0]
+    >>> a, b, c = {"w": torch.ones(1)}, {"w": torch.full((1,), 3.)}, {"w": torch.full((1,), 5.)}
+    >>> analogy(z, [a, b, c])["w"].tolist(), analogy(z, [c, a, b], roles=["c", "a", "b"])["w"].tolist()
+    ([7.0], [7.0])
     """
-    return task_arithmetic(base, [a, b, c], scale=scale, weights=[-1.0, 1.0, 1.0])
 
 
 def _linear_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:

@@ -184,6 +184,12 @@ def per_model_params(method: MergeMethod, mergekit_name: str | None, per_model: 
             default = out.pop("weights", 1.0)
             out["weights"] = [default if v is None else v for v in values]
             continue
+        if key == "role":  # which part of an analogy each model plays
+            if None in values:
+                raise Merge3Error(f"field 'models.{values.index(None)}.parameters.role' is missing: {method.name} "
+                                  "needs a role for every model")
+            out["roles"] = [str(v) for v in values]
+            continue
         target = form.density if form is not None and key == "density" else key
         flip = form is not None and key == "density" and form.complement
         values = [out.get(target) if v is None else (complement(v) if flip else v) for v in values]
@@ -208,6 +214,7 @@ def per_model_keys(method: MergeMethod, mergekit_name: str | None) -> set[str]:
         keys |= ({"density"} if form.density else set()) | set(form.per_model_shared)
     else:
         keys |= {p.overrides for p in method.params.values() if p.overrides}
+        keys |= {"role"} if "roles" in method.params else set()
     return keys
 
 

@@ -113,7 +113,9 @@ class MergeMethod:
       (see ``uniform_recipe``); ``label``: the method's short name in tables;
     - ``mergekit``: how it reads and writes mergekit configs (None: mergekit has no equivalent);
     - ``same_task``: it merges same-task models from different seeds (C2M3): ``align(endpoints, seed)`` maps them
-      once into a shared space, after which a candidate is the ``candidate_method`` (a weighted average) of them.
+      once into a shared space, after which a candidate is the ``candidate_method`` (a weighted average) of them;
+    - ``check(params, n_models)``: what the signature cannot say (analogy: three models, roles a, b, c), checked
+      with the parameters, before anything is merged.
     """
 
     name: str
@@ -130,6 +132,7 @@ class MergeMethod:
     same_task: bool = False
     align: Callable[..., Any] | None = None
     candidate_method: str | None = None
+    check: Callable[[dict, int], None] | None = None
 
     @property
     def needs_base(self) -> bool:
@@ -178,6 +181,8 @@ class MergeMethod:
                 out[name] = spec.default
                 continue
             out[name] = _check_value(self.name, spec, params[name], n_models)
+        if self.check is not None and n_models is not None:
+            self.check(out, n_models)
         return out
 
     def check_param(self, name: str, value: Any, n_models: int | None = None) -> Any:
@@ -282,7 +287,8 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
                  precompute: Callable[..., None] | None = None, redundant: Sequence[str] = (),
                  recipes: Sequence[Mapping[str, Any]] = (), label: str | None = None,
                  mergekit: "MergekitForm | None" = None, same_task: bool = False,
-                 align: Callable[..., Any] | None = None, candidate_method: str | None = None) -> Any:
+                 align: Callable[..., Any] | None = None, candidate_method: str | None = None,
+                 check: Callable[[dict, int], None] | None = None) -> Any:
     """Declare a merge method: its name (default: the function's), its parameters (read from the signature) and what
     ``MergeMethod`` lists (kernel, builder precompute, redundant genes, baseline recipes, mergekit form, …).
 
@@ -314,7 +320,7 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
         method = MergeMethod(method_name, f, inputs, params, inspect.getdoc(f) or "", kernel=kernel,
                              precompute=precompute, redundant=frozenset(redundant), recipes=tuple(recipes),
                              label=label or method_name, mergekit=mergekit, same_task=same_task, align=align,
-                             candidate_method=candidate_method)
+                             candidate_method=candidate_method, check=check)
         if method.name in _REGISTRY:
             raise RuntimeError(f"merge method '{method.name}' registered twice")
         _REGISTRY[method.name] = method

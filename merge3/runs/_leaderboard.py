@@ -64,7 +64,7 @@ def _params(plan: list[dict]) -> str:
 
 
 def _kept_records(run: Run, per_run: int, verified: dict) -> list:
-    from merge3.search import SearchResult
+    from merge3.search import SearchResult, rank_key
 
     records = [r for r in run.records() if r.error is None]
     if not records:
@@ -73,7 +73,7 @@ def _kept_records(run: Run, per_run: int, verified: dict) -> list:
     if len(records[0].objectives) > 1:
         kept = SearchResult(records, names).pareto()
     else:
-        kept = sorted(records, key=lambda r: -r.objectives[0])
+        kept = sorted(records, key=rank_key)
     out, seen = [], set()
     for record in kept:
         key = json.dumps(record.genome, sort_keys=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from merge3.methods import has_row_blocks, mean_weight
 from merge3.models import write_text_atomic
-from merge3.search import Evaluation
+from merge3.search import Evaluation, rank_key
 from merge3.runs._baselines import Baseline, best_recipe
 from merge3.runs._baselines import baselines as cached_baselines
 from merge3.runs._run import Run
@@ -181,7 +181,7 @@ def write_report(run_dir: str | Path) -> Path:
         plots["convergence"] = ("Convergence", convergence_plot(records, verified, names[0], recipe))
         if len(records[0].objectives) > 1:
             plots["pareto"] = ("Pareto front", pareto_plot(records, names))
-        best = max(records, key=lambda r: r.objectives[0])
+        best = min(records, key=rank_key)
         plots["genome"] = ("Best genome per layer group", genome_plot(best, endpoint_names))
     else:
         notes.append("No candidate was evaluated successfully yet.")
@@ -224,7 +224,7 @@ def write_report(run_dir: str | Path) -> Path:
                             f"{top['test_mean'] - recipe.test_mean:+.4f}"])
     parts = [f"<h1>merge3 run {html.escape(run.path.name)}</h1>", _table(summary, ["", ""])]
     if records:
-        top_records = sorted(records, key=lambda r: -r.objectives[0])[:5]
+        top_records = sorted(records, key=rank_key)[:5]
         rows = []
         for r in top_records:
             v = verified.get(f"{r.generation}/{r.index}") or {}

@@ -4,7 +4,7 @@ from merge3.search._calibrate import CalibrationSettings, calibrate_bank, calibr
 from merge3.search._engines import Engine, OptunaEngine, PymooEngine, make_engine
 from merge3.search._fitness import CheapFitness, Fitness, SearchSplitFitness, load_calibration, make_fitness
 from merge3.search._genome import Choice, Genome, GroupChoice, Real
-from merge3.search._loop import Executor, Objectives, Recorder, Search, SearchResult, best_record, import_objective, latest
+from merge3.search._loop import Executor, Objectives, Recorder, Search, SearchResult, best_record, import_objective, latest, rank_key
 from merge3.search._record import Evaluation
 from merge3.search._progress import QuietProgress, RichProgress
 from merge3.search._space import SearchSpace, load_space, parse_space
@@ -35,6 +35,7 @@ __all__ = [
     "best_record",
     "import_objective",
     "latest",
+    "rank_key",
     "load_calibration",
     "load_space",
     "make_engine",

@@ -89,7 +89,7 @@ class Genome:
         for g in self.groups:
             if len(self.methods) > 1:
                 self.variables[f"{g}{SEP}method"] = Choice(tuple(self.methods))
-            for i in range(n_models):
+            for i in range(n_models) if self._weighted else ():  # no gene a decoded plan would not use
                 for name in self._weight_genes(g, i):
                     self.variables[name] = Real(*weight_range)
             for m, params in self._evolved.items():

@@ -29,6 +29,7 @@ from merge3.search._genome import Genome
 from merge3.search._record import Evaluation
 
 WORST = 1e9  # minimised objective value of a failed candidate: worse than any accuracy
+INFEASIBLE = 1e6  # … and of an infeasible one (plus its violation): worse than any feasible, better than a failure
 
 
 class Executor(Protocol):
@@ -85,19 +86,39 @@ def _checked_objective(name: str, fn) -> ObjectiveFn:
 
 
 class Objectives:
-    """Turns a candidate result into objective values (maximised); 'mean', 'per_task' or callables."""
+    """Turns a candidate result into objective values (maximised) and constraint violations.
 
-    def __init__(self, specs: Sequence[str | ObjectiveFn], tasks: Sequence[str]):
+    Objectives: ``mean``, ``per_task``, ``forget:<task>`` (that task's accuracy driven down, no reward below
+    ``chance[task]``: the value is −max(accuracy, chance)), an import path ``module:function`` or a callable.
+    Constraints: ``keep:<task>>=<threshold>``: a candidate below the threshold is infeasible; its violation (how far
+    below, summed over constraints) ranks it after every feasible candidate, in every engine.
+
+    >>> obj = Objectives(["forget:a", "keep:b>=0.9"], ["a", "b"], chance={"a": 0.1})
+    >>> r = CandidateResult(scores={"a": 0.05, "b": 0.8})
+    >>> obj.names, obj(r), round(obj.violation(r), 3)
+    (['forget:a'], [-0.1], 0.1)
+    """
+
+    def __init__(self, specs: Sequence[str | ObjectiveFn], tasks: Sequence[str],
+                 chance: Mapping[str, float] | None = None):
         self.tasks = list(tasks)
         self.names: list[str] = []
         self._fns: list[ObjectiveFn] = []
         self._se_keys: list[str | None] = []  # which standard error of a result belongs to each objective
+        self.constraints: list[tuple[str, float]] = []  # (task, lowest accuracy allowed)
+        chance = dict(chance or {})
         for spec in specs:
             if spec == "mean":
                 self._add("mean", lambda r: r.mean, "mean")
             elif spec == "per_task":
                 for task in self.tasks:
                     self._add(task, lambda r, t=task: r.scores[t], task)
+            elif isinstance(spec, str) and spec.startswith("forget:"):
+                task = self._task(spec, spec.removeprefix("forget:"))
+                floor = float(chance.get(task, 0.0))
+                self._add(spec, lambda r, t=task, f=floor: -max(r.scores[t], f), task)
+            elif isinstance(spec, str) and spec.startswith("keep:"):
+                self.constraints.append(self._keep(spec))
             elif isinstance(spec, str):
                 self._add(spec, import_objective(spec))
             elif callable(spec):
@@ -105,6 +126,34 @@ class Objectives:
                 self._add(name, _checked_objective(name, spec))
             else:
                 raise Merge3Error(f"objectives: {spec!r} is neither a name, an import path nor a callable")
+
+        if not self._fns:
+            raise Merge3Error("objectives: keep:… entries are constraints; give at least one objective to maximise "
+                              "(e.g. mean or forget:<task>)")
+
+    def _task(self, spec: str, task: str) -> str:
+        if task not in self.tasks:
+            raise Merge3Error(f"objectives: '{spec}' names task '{task}', which the bank does not have "
+                              f"(tasks: {', '.join(self.tasks)})")
+        return task
+
+    def _keep(self, spec: str) -> tuple[str, float]:
+        task, sep, threshold = spec.removeprefix("keep:").partition(">=")
+        if not sep:
+            raise Merge3Error(f"objectives: '{spec}' is not keep:<task>>=<threshold>")
+        try:
+            value = float(threshold)
+        except ValueError:
+            raise Merge3Error(f"objectives: '{spec}': the threshold '{threshold}' is not a number") from None
+        if not 0.0 <= value <= 1.0:
+            raise Merge3Error(f"objectives: '{spec}': the threshold {value:g} is outside [0, 1] (an accuracy)")
+        return self._task(spec, task.strip()), value
+
+    def violation(self, result: CandidateResult) -> float:
+        """How far ``result`` falls below the ``keep:`` thresholds, summed (0: feasible)."""
+        if not result.ok:
+            return 0.0
+        return float(sum(max(0.0, threshold - result.scores[task]) for task, threshold in self.constraints))
 
     def _add(self, name: str, fn: ObjectiveFn, se_key: str | None = None) -> None:
         self.names.append(name)
@@ -132,13 +181,18 @@ class Objectives:
         return [float(result.se.get(k, float("nan"))) if k else float("nan") for k in self._se_keys]
 
 
+def rank_key(record: Evaluation) -> tuple:
+    """Sort key, best first: eligible before not (see ``SearchResult.best``), feasible before infeasible (least
+    violation first), then by the first objective."""
+    return not record.eligible, record.violation, -record.objectives[0]
+
+
 def best_record(records: Sequence[Evaluation]) -> Evaluation:
-    """The best successful, eligible record by first objective (eligible: see ``SearchResult.best``)."""
+    """The best successful record: eligible, feasible (or least infeasible), highest first objective."""
     ok = [r for r in records if r.ok]
     if not ok:
         raise Merge3Error("no candidate was evaluated successfully")
-    eligible = [r for r in ok if r.eligible] or ok
-    return max(eligible, key=lambda r: r.objectives[0])
+    return min(ok, key=rank_key)
 
 
 def latest(records: Sequence[Evaluation]) -> list[Evaluation]:
@@ -172,8 +226,9 @@ class SearchResult:
         return best_record(self.records)
 
     def pareto(self) -> list[Evaluation]:
-        """Non-dominated successful records (all objectives maximised)."""
+        """Non-dominated successful records (all objectives maximised), among the feasible ones when there are."""
         ok = [r for r in self.records if r.ok]
+        ok = [r for r in ok if r.violation == 0] or ok
         values = np.array([r.objectives for r in ok], dtype=float)
         keep = [
             i for i in range(len(ok))
@@ -232,6 +287,8 @@ class Search:
         first = getattr(self.fitness, "engine_sees_first", False) and record.first_objectives is not None
         objectives = record.first_objectives if first else record.objectives
         errors = (record.first_objective_se if first else record.objective_se) or [float("nan")] * len(objectives)
+        if record.violation > 0:  # infeasible: behind every feasible candidate, the least violation first
+            return [INFEASIBLE + record.violation if np.isfinite(v) else WORST for v in objectives]
         values = []
         for v, se in zip(objectives, errors):
             penalty = z * se if z and se is not None and np.isfinite(se) else 0.0
@@ -299,7 +356,7 @@ class Search:
         final = getattr(self.fitness, "final_rung", 0)
         return Evaluation.of(generation, index, genome, plan, result, self.objectives(result),
                              self.objectives.standard_errors(result), rung=rung, eligible=rung == final,
-                             time=time.time())
+                             violation=self.objectives.violation(result), time=time.time())
 
     def _end_generation(self, generation: int, batch: list[Evaluation], records: list[Evaluation]) -> None:
         refit = self.fitness.end_generation(generation) if hasattr(self.fitness, "end_generation") else None

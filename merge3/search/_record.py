@@ -28,6 +28,7 @@ class Evaluation:
     - ``scores``: per-task estimates (the fitness's, on the search split) with their standard errors ``se``;
       ``objectives`` (maximised) and ``objective_se``; with promotion, ``first_objectives`` at rung 0;
     - ``answers``: the bank rows answered and whether each was right, so every estimate can be recomputed;
+    - ``violation``: how far it falls below the ``keep:`` constraints (0: feasible);
     - cost: ``items_evaluated``, ``build_seconds``, ``eval_seconds``, ``worker``; ``error`` when it failed.
 
     >>> record = Evaluation(generation=0, index=3, genome={"all|w0": 0.5}, plan=[], scores={"a": 0.8, "b": 0.6},
@@ -54,6 +55,7 @@ class Evaluation:
     se: dict[str, float] = field(default_factory=dict)
     mean: float | None = None
     objective_se: list[float] | None = None
+    violation: float = 0.0
     time: float = 0.0
     first_objectives: list[float] | None = None
     first_objective_se: list[float] | None = None
@@ -61,11 +63,11 @@ class Evaluation:
     @classmethod
     def of(cls, generation: int, index: int, genome: dict, plan: list[dict], result: CandidateResult,
            objectives: list[float], objective_se: list[float], *, rung: int = 0, eligible: bool = True,
-           time: float = 0.0) -> Evaluation:
+           violation: float = 0.0, time: float = 0.0) -> Evaluation:
         """The record of ``result``, the evaluation of ``genome`` (decoded to ``plan``)."""
         return cls(generation=generation, index=index, rung=rung, eligible=eligible, genome=genome, plan=plan,
                    **{k: v for k, v in result.as_dict().items()}, objectives=objectives, objective_se=objective_se,
-                   time=time)
+                   violation=violation, time=time)
 
     @property
     def ok(self) -> bool:

@@ -222,7 +222,8 @@ class SearchSpace(StrictConfig):
     def _objective_names(cls, value: list[str]) -> list[str]:
         for name in value:
             if name not in ("mean", "per_task") and ":" not in name:
-                raise ValueError(f"objective '{name}' is neither 'mean', 'per_task' nor an import path 'module:function'")
+                raise ValueError(f"objective '{name}' is neither 'mean', 'per_task', forget:<task>, "
+                                 "keep:<task>>=<threshold> nor an import path 'module:function'")
         return value
 
 
