@@ -364,3 +364,13 @@ def test_analogy_genome_evolves_one_coefficient_per_group_on_the_analogy_directi
     assert sorted(genome.variables) == ["l.0|analogy.scale", "l.1|analogy.scale"]
     plan = genome.decode({"l.0|analogy.scale": 0.5, "l.1|analogy.scale": 1.5})
     assert [c.params for c in plan] == [{"scale": 0.5, "roles": ["b", "a", "c"]}, {"scale": 1.5, "roles": ["b", "a", "c"]}]
+
+
+def test_per_model_drop_rates_export_as_mergekit_keep_rates():
+    from merge3.methods import mergekit_config
+
+    plan = [{"group": "l.0", "method": "dare", "params": {"weights": [0.5, 1.0], "drop_rates": [0.2, 0.7]}}]
+    config, why_not = mergekit_config(plan, {"l.0": ["l.0.w"]}, "base", ["a", "b"])
+    assert why_not == "" and config["merge_method"] == "dare_linear"
+    assert [m["parameters"]["density"] for m in config["models"]] == pytest.approx([0.8, 0.3])
+    assert [m["parameters"]["weight"] for m in config["models"]] == [0.5, 1.0]
