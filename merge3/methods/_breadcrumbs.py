@@ -14,12 +14,12 @@ from typing import Annotated, Literal, Optional
 
 import torch
 
-from merge3.methods._arithmetic import Scale, Weights, add_weighted, safe_divisor
+from merge3.methods._arithmetic import Scale, Weights
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
 from merge3.methods._registry import Bounds, Kernel, PerModel, StateDict, merge_method
-from merge3.methods._sparsify import elect_and_merge, kth_smallest, l1_rescale_, sorted_magnitudes
+from merge3.methods._sparsify import combine_sparse, kth_smallest, l1_rescale_, sorted_magnitudes
 
 Density = Annotated[LayerValue, Bounds(0.0, 1.0, search=(0.5, 1.0))]
 Gamma = Annotated[LayerValue, Bounds(0.0, 0.5, search=(0.0, 0.1))]
@@ -68,14 +68,7 @@ def _breadcrumbs_key(inputs: MergeInputs, key: str, p: dict, context: None, out:
     if p["rescale"]:
         for t in range(len(w)):
             l1_rescale_(work[t], deltas[t])
-    if p["combine"] == "ties":
-        for t, x in enumerate(w):
-            work[t].mul_(x)
-        elect_and_merge(inputs, work, w, p["normalize"], None, out)
-        out.mul_(p["scale"]).add_(inputs.anchor32(key))
-        return
-    factor = p["scale"] / (safe_divisor(sum(w)) if p["normalize"] else 1.0)
-    add_weighted(out, inputs.anchor32(key), work, [factor * x for x in w])
+    combine_sparse(inputs, key, work, w, p["combine"], p["normalize"], p["scale"], out)
 
 
 def _sort_magnitudes(inputs: MergeInputs, key: str, seeds: Sequence[int]) -> None:

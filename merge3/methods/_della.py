@@ -16,12 +16,12 @@ from typing import Annotated, Literal, Optional
 import torch
 
 from merge3._errors import Merge3Error
-from merge3.methods._arithmetic import Scale, Weights, add_weighted, safe_divisor
+from merge3.methods._arithmetic import Scale, Weights
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
 from merge3.methods._registry import Bounds, Kernel, PerModel, StateDict, merge_method
-from merge3.methods._sparsify import elect_and_merge, l1_rescale_, uniforms
+from merge3.methods._sparsify import combine_sparse, l1_rescale_, uniforms
 
 Density = Annotated[LayerValue, Bounds(0.0, 1.0, search=(0.2, 0.9))]
 Epsilon = Annotated[LayerValue, Bounds(0.0, 0.5, search=(0.01, 0.15))]
@@ -62,14 +62,7 @@ def _della_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch
             if p["rescale"]:
                 l1_rescale_(keep, deltas[t])
     normalize = (p["combine"] == "ties") if p["normalize"] is None else p["normalize"]
-    if p["combine"] == "ties":
-        for t, x in enumerate(w):
-            work[t].mul_(x)
-        elect_and_merge(inputs, work, w, normalize, None, out)
-        out.mul_(p["scale"]).add_(inputs.anchor32(key))
-        return
-    factor = p["scale"] / (safe_divisor(sum(w)) if normalize else 1.0)
-    add_weighted(out, inputs.anchor32(key), work, [factor * x for x in w])
+    combine_sparse(inputs, key, work, w, p["combine"], normalize, p["scale"], out)
 
 
 def _della_precompute(inputs: MergeInputs, key: str, seeds: Sequence[int]) -> None:

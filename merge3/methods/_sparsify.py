@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from merge3.methods._arithmetic import add_weighted, safe_divisor
 from merge3.methods._inputs import MergeInputs
 
 
@@ -147,6 +148,20 @@ def elect_and_merge(inputs: MergeInputs, work: torch.Tensor, weights: Sequence[f
     return out
 
 
+def combine_sparse(inputs: MergeInputs, key: str, work: torch.Tensor, weights: Sequence[float], combine: str,
+                   normalize: bool, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = anchor + scale · merge(w_t · work[t])`` for sparsified task vectors ``work`` (overwritten):
+    ``combine="ties"`` elects signs (disjoint mean when ``normalize``), ``"linear"`` adds (÷ Σ w when
+    ``normalize``) — the last step DELLA and Breadcrumbs share with mergekit's generalized task arithmetic."""
+    if combine == "ties":
+        for t, w in enumerate(weights):
+            work[t].mul_(w)
+        elect_and_merge(inputs, work, weights, normalize, None, out)
+        return out.mul_(scale).add_(inputs.anchor32(key))
+    factor = scale / (safe_divisor(sum(weights)) if normalize else 1.0)
+    return add_weighted(out, inputs.anchor32(key), work, [factor * w for w in weights])
+
+
 def dare_seed(seed: int, key: str, task: int) -> int:
     """The generator seed of one (seed, tensor, task) triple: a key's random mask does not depend on which other
     keys are merged with it, nor in which order, so group plans and full merges draw the same masks."""
@@ -179,5 +194,5 @@ def l1_rescale_(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7)
     return masked
 
 
-__all__ = ["dare_seed", "elect_and_merge", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
+__all__ = ["combine_sparse", "dare_seed", "elect_and_merge", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
            "magnitude_thresholds", "sorted_magnitudes", "trim_into", "trim_thresholds", "uniforms"]
