@@ -104,6 +104,32 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("federate")
+def cmd_federate(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from merge3.federated import federate, resume_federation
+
+    if args.config is None and args.resume is None:
+        raise Merge3Error("federate: give a config (merge3 federate CONFIG.yaml) or --resume RUN")
+    if args.config is not None and args.resume is not None:
+        raise Merge3Error("federate: give a config or --resume RUN, not both")
+    if args.resume is not None:
+        run = resume_federation(args.resume)
+    else:
+        run = federate(args.config, runs_dir=args.runs_dir, name=args.name)
+    table = Table(title=f"federated run {run.path}")
+    for column in ("round", "search split", "test split", "upload MiB", "dense upload MiB"):
+        table.add_column(column, justify="right")
+    for r in run.rounds():
+        test = "-" if r.get("test_mean") is None else f"{r['test_mean']:.4f}"
+        table.add_row(str(r["round"]), f"{r['search_mean']:.4f}", test, f"{r['bytes']['upload'] / 2**20:.3f}",
+                      f"{r['bytes']['upload_dense'] / 2**20:.3f}")
+    _console().print(table)
+    _console().print(f"final global model: {run.final_model()}")
+    return 0
+
+
 @command("calibrate")
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from merge3.search import CalibrationSettings, calibrate_bank
@@ -404,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a run where it stopped, without re-evaluating anything")
     p.add_argument("run", help="run folder, e.g. runs/demo-s0-20260101-120000")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("federate", help="simulated federated rounds: clients train, the server merges (resumable)")
+    p.add_argument("config", nargs="?", help="federated config YAML (see federated/)")
+    p.add_argument("--resume", metavar="RUN", help="continue a federated run after its last finished round")
+    p.add_argument("--name", help="run name (default: <name>-s<seed>-<time>)")
+    p.add_argument("--runs-dir", default="runs")
 
     p = sub.add_parser("calibrate", help="fit the IRT estimators of an item bank (cheap fitness for the search)")
     p.add_argument("bank", help="item-bank folder; results go to BANK/calibration")

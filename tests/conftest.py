@@ -52,3 +52,15 @@ def objective_module(tmp_path, monkeypatch):
     (tmp_path / "my_objectives.py").write_text("def best_task(result):\n    return max(result.scores.values())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_objectives"
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole test session (3 CPUs), shut down at its end."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), logging_level="WARNING")
+    yield ray
+    ray.shutdown()

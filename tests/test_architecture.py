@@ -1,4 +1,5 @@
-"""The pipeline's shape, checked on the source: models → methods → itembank → runtime → search → runs → cli.
+"""The pipeline's shape, checked on the source: models → methods → itembank → runtime → search → runs →
+(federated) → cli.
 
 A stage imports only stages to its left, and only through their public ``__init__`` (never another package's
 ``_private`` module); bench scripts use public names only. Imports inside functions count too."""
@@ -10,8 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["models", "methods", "itembank", "runtime", "search", "runs"]
-# zoo builds models and banks (it sits after itembank); the top-level modules (_api, cli) may use every stage
-ALLOWED = {stage: set(STAGES[:i]) for i, stage in enumerate(STAGES)} | {"zoo": {"models", "methods", "itembank"}}
+# zoo builds models and banks (it sits after itembank); federated is application layer like the top-level modules
+# (_api, cli): it may use every stage (a round's server search is an ordinary merge3 search)
+ALLOWED = {stage: set(STAGES[:i]) for i, stage in enumerate(STAGES)} | {"zoo": {"models", "methods", "itembank"},
+                                                                         "federated": {*STAGES, "zoo"}}
 
 
 def _imports(file: Path):

@@ -625,6 +625,73 @@ def test_search(case, assets, runner, tmp_path):
     run_case(case, assets, runner, tmp_path)
 
 
+# ---- federate: bad federated configs and runs -----------------------------------------------------------------------
+
+def fed(**over) -> str:
+    """A federated YAML: two clients, one round of two steps on a tiny MLP, with ``over`` merged in."""
+    config = {"name": "f", "rounds": 1, "data": {"clients": ["upright", "rot90"], "samples_per_client": 20},
+              "model": {"sizes": [64, 8, 10]}, "local": {"steps": 2}}
+    return yaml.safe_dump(_merge(config, over), sort_keys=False)
+
+
+def _finished_federated_run(paths, work):
+    from merge3.federated import federate
+
+    (work / "f.yaml").write_text(fed())
+    federate(work / "f.yaml", runs_dir=work / "runs", name="done", log=lambda *a: None)
+
+
+FEDERATE = [
+    C("zero-clients", "federate f.yaml", "field 'data.clients'", files={"f.yaml": fed(data={"clients": []})}),
+    C("zero-rounds", "federate f.yaml", "field 'rounds'", "greater than or equal to 1",
+      files={"f.yaml": fed(rounds=0)}),
+    C("unknown-domain", "federate f.yaml", "unknown digits domain 'sideways'",
+      files={"f.yaml": fed(data={"clients": ["upright", "sideways"]})}),
+    C("repeated-domain", "federate f.yaml", "clients repeat a domain",
+      files={"f.yaml": fed(data={"clients": ["upright", "upright"]})}),
+    C("too-few-samples", "federate f.yaml", "field 'data.samples_per_client'",
+      files={"f.yaml": fed(data={"samples_per_client": 3})}),
+    C("model-not-digits-shaped", "federate f.yaml", "field 'model.sizes'", "64 inputs, 10 outputs",
+      files={"f.yaml": fed(model={"sizes": [32, 8, 10]})}),
+    C("unknown-method", "federate f.yaml", "field 'aggregate'", "unknown merge method 'slerpy'",
+      files={"f.yaml": fed(aggregate={"method": "slerpy"})}),
+    C("method-param-out-of-range", "federate f.yaml", "'density' = 1.5 is out of range",
+      files={"f.yaml": fed(aggregate={"method": "ties", "params": {"density": 1.5}})}),
+    C("unknown-search-method", "federate f.yaml", "field 'aggregate.search.methods'",
+      files={"f.yaml": fed(aggregate={"search": {"methods": ["slerpy"]}})}),
+    C("compress-rank-zero", "federate f.yaml", "field 'compress.rank'", files={"f.yaml": fed(compress={"rank": 0})}),
+    C("compress-energy-above-one", "federate f.yaml", "field 'compress.energy'",
+      files={"f.yaml": fed(compress={"energy": 1.5})}),
+    C("compress-rank-and-energy", "federate f.yaml", "give exactly one of rank and energy",
+      files={"f.yaml": fed(compress={"rank": 2, "energy": 0.9})}),
+    C("independent-init-averaged", "federate f.yaml", "aggregate.method must be a same-task method",
+      files={"f.yaml": fed(model={"init": "independent"})}),
+    C("init-of-other-sizes", "federate f.yaml", "field 'model.init'", "is not an MLP of sizes [64, 8, 10]",
+      files={"f.yaml": fed(model={"init": "@base"})}),
+    C("init-missing", "federate f.yaml", "'@w/nowhere' does not exist",
+      files={"f.yaml": fed(model={"init": "@w/nowhere"})}),
+    C("negative-seed", "federate f.yaml", "field 'seed'", files={"f.yaml": fed(seed=-1)}),
+    C("unknown-field", "federate f.yaml", "field 'colour'", files={"f.yaml": fed(colour="red")}),
+    C("not-a-mapping", "federate f.yaml", "f.yaml' must be a mapping", files={"f.yaml": "- a\n"}),
+    C("config-missing", "federate nothing.yaml", "'nothing.yaml' does not exist"),
+    C("config-and-resume", "federate f.yaml --resume @run", "not both", files={"f.yaml": fed()}),
+    C("neither-config-nor-resume", "federate", "give a config"),
+    C("runs-dir-is-a-file", "federate f.yaml --runs-dir mine.txt", "'mine.txt' is a file",
+      files={"f.yaml": fed(), "mine.txt": "notes"}),
+    C("run-name-escapes", "federate f.yaml --name ../escape", "run name '../escape'", files={"f.yaml": fed()}),
+    C("run-name-taken", "federate f.yaml --name taken", "run 'runs/taken' already exists",
+      files={"f.yaml": fed(), "runs/taken/notes.txt": "mine"}),
+    C("resume-a-search-run", "federate --resume @run", "is not a merge3 federated run folder"),
+    C("resume-finished", "federate --resume runs/done", "federated run 'runs/done' has already finished",
+      setup=_finished_federated_run),
+]
+
+
+@pytest.mark.parametrize("case", FEDERATE)
+def test_federate(case, assets, runner, tmp_path):
+    run_case(case, assets, runner, tmp_path)
+
+
 # ---- runs: resume, verify, export, report, leaderboard on damaged runs ---------------------------------------------
 
 def _run_copy(mutate: Callable[[Path, dict], None] | None = None, status: str | None = "interrupted"):

@@ -15,17 +15,6 @@ TASKS = ["a", "b"]
 FACTORY = SyntheticFactory(TASKS, [0.8, 0.4])
 
 
-@pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-
-
 def run_search(executor, seed=0):
     genome = Genome(["g0", "g1"], ["_synthetic_sharp", "_synthetic_soft"], n_models=2)
     objectives = Objectives(["mean"], TASKS)
