@@ -98,10 +98,10 @@ def test_a_run_killed_anywhere_resumes_to_the_same_final_model(where, tmp_path, 
     if where == "before-round":
         real = rounds._one_round
 
-        def kill_at_round_3(run, cfg, bank, clients, model, round_, log):
+        def kill_at_round_3(run, cfg, clients, server, model, round_, log):
             if round_ == 3:
                 raise KeyboardInterrupt
-            return real(run, cfg, bank, clients, model, round_, log)
+            return real(run, cfg, clients, server, model, round_, log)
         monkeypatch.setattr(rounds, "_one_round", kill_at_round_3)
     else:
         real_append = FederatedRun.append_round
@@ -162,9 +162,18 @@ def test_independent_inits_are_aligned_by_c2m3(tmp_path):
         federate(config(model={"sizes": [64, 32, 10], "init": "independent"}), runs_dir=tmp_path, log=quiet)
 
 
-def test_ray_clients_train_what_local_clients_train(ray_session, tmp_path):
-    local = federate(config(rounds=2), runs_dir=tmp_path, name="local", log=quiet)
-    on_ray = federate(config(rounds=2, executor={"kind": "ray", "actors": 2}), runs_dir=tmp_path, name="ray",
-                      log=quiet)
+def test_ray_clients_and_server_compute_what_local_ones_do(ray_session, tmp_path):
+    import os
+
+    search = {"methods": ["task_arithmetic"], "granularity": "model", "population": 4, "generations": 1}
+    local = federate(config(rounds=2, aggregate={"search": search}), runs_dir=tmp_path, name="local", log=quiet)
+    on_ray = federate(config(rounds=2, aggregate={"search": search}, executor={"kind": "ray", "actors": 2}),
+                      runs_dir=tmp_path, name="ray", log=quiet)
     assert same_models(local.final_model(), on_ray.final_model())
-    assert rounds_without_timings(local) == rounds_without_timings(on_ray)
+    strip = lambda rounds: [{**r, "aggregator": {"search": {**r["aggregator"]["search"], "run": None}}}  # noqa: E731
+                            for r in rounds[1:]]
+    assert strip(rounds_without_timings(local)) == strip(rounds_without_timings(on_ray))
+    from merge3.runs import Run
+
+    server_search = Run.open(on_ray.rounds()[1]["aggregator"]["search"]["run"])
+    assert server_search.meta["workers"] != [f"local:{os.getpid()}"]  # the server ran on an actor

@@ -32,7 +32,7 @@ from merge3 import __version__
 from merge3._errors import Merge3Error
 from merge3.federated._clients import ClientWorker, LocalClients, RayClients, client_seed, new_model
 from merge3.federated._config import FederatedConfig, load_federated, parse_federated
-from merge3.federated._server import merge_clients, score, search_clients
+from merge3.federated._server import RayServer, ServerWorker, score
 from merge3.itembank import ItemBank
 from merge3.models import MLP, file_in_the_way, load_model, load_state_dict, plain, save_state_dict, write_text_atomic
 from merge3.runs import RunLock
@@ -230,30 +230,28 @@ def _rounds(run: FederatedRun, config: FederatedConfig, log) -> None:
     start = done[-1]["round"] + 1 if done else 1
     if start > config.rounds:
         return
-    bank = ItemBank.load(run.path / "bank")
     global_model = load_state_dict(run.global_folder(start - 1)) if done else None
-    clients = _clients(config, run, log)
+    clients = _clients(config, run, log)  # on Ray, this starts (or joins) Ray
     try:
-        for round_ in range(start, config.rounds + 1):
-            global_model = _one_round(run, config, bank, clients, global_model, round_, log)
+        server = (RayServer if config.executor.kind == "ray" else ServerWorker)(config, run.path / "bank")
+        try:
+            for round_ in range(start, config.rounds + 1):
+                global_model = _one_round(run, config, clients, server, global_model, round_, log)
+        finally:
+            server.close()
     finally:
         clients.close()
 
 
-def _one_round(run, config, bank, clients, global_model, round_: int, log) -> dict:
+def _one_round(run, config, clients, server, global_model, round_: int, log) -> dict:
     started = time.perf_counter()
-    for leftover in (run.global_folder(round_), run.path / "search" / f"round-{round_:04d}"):
+    search_folder = run.path / "search" / f"round-{round_:04d}"
+    for leftover in (run.global_folder(round_), search_folder):
         shutil.rmtree(leftover, ignore_errors=True)  # a round that was killed before its record: redone
     updates = clients.round(global_model, round_)
     trained = time.perf_counter()
-    if config.aggregate.search is not None:
-        merged, aggregator = search_clients(config.aggregate, run.global_folder(round_ - 1), global_model, updates,
-                                            config.model.sizes, run.path / "bank",
-                                            run.path / "search" / f"round-{round_:04d}", config.seed * 100003 + round_)
-    else:
-        merged, aggregator = merge_clients(config.aggregate, global_model, updates)
-    merged = {k: v.contiguous() for k, v in merged.items()}
-    scores = score(bank, merged, config.model.sizes)
+    merged, aggregator, scores = server.round(global_model, updates, config.seed * 100003 + round_,
+                                              run.global_folder(round_ - 1), search_folder)
     save_state_dict(merged, run.global_folder(round_), config=MLP(config.model.sizes).config())
     model_bytes = sum(v.numel() * v.element_size() for v in merged.values())
     record = {

@@ -63,7 +63,7 @@ def search_clients(aggregate, global_folder: Path, global_model: StateDict, upda
         "engine": {"name": cfg.engine, "population": cfg.population, "generations": cfg.generations},
         "executor": {"kind": "local"},
     }
-    outcome = search(space, runs_dir=folder, name="search", progress=False)
+    outcome = search(space, runs_dir=folder, name="search", progress=_Silent())
     best = outcome.best
     groups = layer_groups(global_model, cfg.granularity)
     with torch.no_grad():
@@ -73,6 +73,68 @@ def search_clients(aggregate, global_folder: Path, global_model: StateDict, upda
                                "plan": plain(best.plan),
                                "candidates": len(outcome.run.records()),
                                "items_answered": int(sum(r.items_evaluated for r in every_rung))}}
+
+
+class _Silent:
+    """A progress sink that shows nothing: a round's search logs its generations in its own run's log.txt."""
+
+    def advance(self, record) -> None:
+        pass
+
+    def generation(self, summary: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ServerWorker:
+    """The server of a run: aggregates a round's client models and scores the new global model on its bank, in
+    process or as a Ray actor (``RayServer``)."""
+
+    def __init__(self, config, bank_path: Path, threads: int | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.config, self.bank_path = config, Path(bank_path)
+        self.bank = ItemBank.load(self.bank_path)
+
+    def round(self, global_model: StateDict | None, updates: Sequence[ClientUpdate], seed: int, global_folder: Path,
+              search_folder: Path) -> tuple[StateDict, dict, dict]:
+        """(new global model, how it was aggregated, its scores per split)."""
+        cfg = self.config
+        if cfg.aggregate.search is not None:
+            merged, aggregator = search_clients(cfg.aggregate, global_folder, global_model, updates, cfg.model.sizes,
+                                                self.bank_path, search_folder, seed)
+        else:
+            merged, aggregator = merge_clients(cfg.aggregate, global_model, updates)
+        merged = {k: v.contiguous() for k, v in merged.items()}
+        return merged, aggregator, score(self.bank, merged, cfg.model.sizes)
+
+    def close(self) -> None:
+        pass
+
+
+class RayServer:
+    """The server as a Ray actor pinned to the driver's node (its search writes into the run folder there); it
+    takes no CPU from the clients' pool, since it works only while they wait."""
+
+    def __init__(self, config, bank_path: Path):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = ray.remote(num_cpus=0)(ServerWorker).options(scheduling_strategy=here).remote(
+            config, bank_path, threads=1)
+
+    def round(self, *args) -> tuple[StateDict, dict, dict]:
+        import ray
+
+        return ray.get(self.actor.round.remote(*args))
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
 
 
 def score(bank: ItemBank, model: StateDict, sizes: Sequence[int]) -> dict:

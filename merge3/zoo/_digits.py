@@ -53,7 +53,21 @@ class DigitsRecipe:
 
 
 def domain_transform(name: str, seed: int):
-    """The input transform of a domain, on flattened 8×8 images in [0, 1]."""
+    """The input transform of a domain, on flattened 8×8 images in [0, 1]; ``"rot90+inverted"`` composes domains
+    left to right (rotate, then invert).
+
+    >>> x = np.eye(8, dtype=np.float32).reshape(1, 64)
+    >>> bool((domain_transform("rot90+inverted", 0)(x) == 1 - domain_transform("rot90", 0)(x)).all())
+    True
+    """
+    if "+" in name:
+        steps = [domain_transform(part, seed) for part in name.split("+")]
+
+        def composed(x):
+            for step in steps:
+                x = step(x)
+            return x
+        return composed
     images = lambda x: x.reshape(-1, 8, 8)  # noqa: E731
     if name == "permuted":
         perm = np.random.default_rng(seed + 12345).permutation(64)
@@ -187,7 +201,7 @@ def build_digits_zoo(
             hashes[f"seed-{k}"] = state_dict_sha256(model.state_dict())
         log(f"  {SAME_TASK_SEEDS} same-task models trained from different seeds")
 
-        bank = _write_task_bank(banks_dir / "digits", recipe, x_te, y_te, test_index, heads)
+        bank = _write_task_bank(banks_dir / "digits", recipe, heads)
         same_bank = _write_same_task_bank(banks_dir / "digits-upright", recipe, x_te, y_te, test_index)
         info = {
             "name": "digits",
@@ -298,26 +312,38 @@ def _split_column(images: np.ndarray, test: set[int]) -> list[str]:
 _SPLIT_NOTE = "the same held-out images are test items in every task (stratified by digit)"
 
 
-def _write_task_bank(path: Path, recipe, x_te, y_te, test_index, heads: dict[str, nn.Linear]) -> ItemBank:
-    frames, test = [], test_images(recipe, y_te, test_index)
-    for task in recipe.tasks:
-        xs = domain_transform(task, recipe.seed)(x_te)
-        frames.append(pd.DataFrame({
-            "item_id": [f"{task}-{j:04d}" for j in test_index],
-            "task": task,
-            "input": list(np.ascontiguousarray(xs, dtype=np.float32)),
-            "answer": y_te.astype(np.int64),
-            "source_index": test_index,
-            "split": _split_column(test_index, test),
-        }))  # fmt: skip
-    spec = BankSpec(
-        name="digits",
-        description="Held-out UCI digits under five input domains; one frozen linear head per task.",
-        tasks=list(recipe.tasks),
-        evaluator={"kind": "classifier", "heads": {t: f"heads/{t}.safetensors" for t in recipe.tasks}},
-        source=_bank_source(recipe),
-    )
-    files = {f"heads/{t}.safetensors": _head_bytes(h) for t, h in heads.items()}
+def _write_task_bank(path: Path, recipe, heads: dict[str, nn.Linear]) -> ItemBank:
+    return write_domain_bank(
+        path, {t: t for t in recipe.tasks}, recipe, heads={t: _head_bytes(h) for t, h in heads.items()},
+        name="digits", description="Held-out UCI digits under five input domains; one frozen linear head per task.",
+        source=_bank_source(recipe))
+
+
+def write_domain_bank(path: str | Path, tasks: dict[str, str], recipe: DigitsRecipe, *, name: str, description: str,
+                      heads: dict[str, bytes] | None = None, source: dict | None = None) -> ItemBank:
+    """A classifier bank of the held-out digits (the zoo's, split into search and test items as the zoo's banks are)
+    with one task per ``tasks`` entry (task → its input domain, composable: ``"rot90+inverted"``). ``heads``: the
+    safetensors bytes of each task's frozen linear head (the bank's models are then encoders); none: the models
+    output the ten digits' logits themselves.
+
+    >>> bank = write_domain_bank("/tmp/b", {"new": "rot90+inverted"}, DigitsRecipe(), name="x", description="x")  # doctest: +SKIP
+    """
+    _, _, x_te, y_te, test_index = load_split(recipe.seed)
+    test = test_images(recipe, y_te, test_index)
+    frames = [pd.DataFrame({
+        "item_id": [f"{task}-{j:04d}" for j in test_index],
+        "task": task,
+        "input": list(np.ascontiguousarray(domain_transform(domain, recipe.seed)(x_te), dtype=np.float32)),
+        "answer": y_te.astype(np.int64),
+        "source_index": test_index,
+        "split": _split_column(test_index, test),
+    }) for task, domain in tasks.items()]  # fmt: skip
+    evaluator = {"kind": "classifier"}
+    if heads is not None:
+        evaluator["heads"] = {t: f"heads/{t}.safetensors" for t in tasks}
+    spec = BankSpec(name=name, description=description, tasks=list(tasks), evaluator=evaluator,
+                    source=source or _bank_source(recipe))
+    files = {f"heads/{t}.safetensors": heads[t] for t in tasks} if heads is not None else None
     return write_bank(path, spec, pd.concat(frames, ignore_index=True), files, split_description=_SPLIT_NOTE)
 
 

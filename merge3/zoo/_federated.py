@@ -16,15 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from merge3._errors import Merge3Error
-from merge3.itembank import BankSpec, ItemBank, write_bank
-from merge3.zoo._digits import DigitsRecipe, domain_transform, load_split
-from merge3.zoo._digits import test_images as held_out_test_images  # (not named test_*: pytest would collect it)
-
-_NOTE = "held-out images (never in a client's shard); the same images are test items under every client domain"
-
+from merge3.itembank import ItemBank
+from merge3.zoo._digits import DigitsRecipe, domain_transform, load_split, write_domain_bank
 
 @dataclass(frozen=True)
 class ClientData:
@@ -62,17 +57,8 @@ def digits_clients(domains: list[str], seed: int = 0, samples_per_client: int | 
 def write_federated_bank(path: str | Path, domains: list[str], seed: int = 0) -> ItemBank:
     """The server's item bank: every held-out image under every client domain, one task per client, answered by a
     classifier that outputs the ten digits' logits (the federated model itself; no per-task heads)."""
-    _, _, x_te, y_te, test_index = load_split(seed)
-    recipe = DigitsRecipe(seed=seed)
-    test = held_out_test_images(recipe, y_te, test_index)
-    split = ["test" if int(i) in test else "search" for i in test_index]
-    frames = [pd.DataFrame({
-        "item_id": [f"{d}-{j:04d}" for j in test_index], "task": d,
-        "input": list(np.ascontiguousarray(domain_transform(d, seed)(x_te), dtype=np.float32)),
-        "answer": y_te.astype(np.int64), "source_index": test_index, "split": split,
-    }) for d in domains]  # fmt: skip
-    spec = BankSpec(name="digits-federated", tasks=list(domains), evaluator={"kind": "classifier"},
-                    description="Held-out UCI digits under each federated client's domain; the model outputs logits.",
-                    source={"dataset": "sklearn.datasets.load_digits (UCI ML hand-written digits, 8×8)",
-                            "held_out": "stratified 50/50 (training images are dealt to clients)", "seed": seed})
-    return write_bank(path, spec, pd.concat(frames, ignore_index=True), split_description=_NOTE)
+    return write_domain_bank(
+        path, {d: d for d in domains}, DigitsRecipe(seed=seed), name="digits-federated",
+        description="Held-out UCI digits under each federated client's domain; the model outputs logits.",
+        source={"dataset": "sklearn.datasets.load_digits (UCI ML hand-written digits, 8×8)",
+                "held_out": "stratified 50/50 (training images are dealt to clients)", "seed": seed})
