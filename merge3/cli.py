@@ -130,6 +130,30 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("compress")
+def cmd_compress(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from merge3.models import compress_models
+
+    names = args.names.split(",") if args.names else [Path(m).name for m in args.models]
+    if len(names) != len(args.models) or len(set(names)) != len(names) or not all(names):
+        raise Merge3Error(f"--names: give one distinct name per model ({len(args.models)}), got {args.names!r}")
+    if args.energy is not None and not (0.0 < args.energy <= 1.0):
+        raise Merge3Error(f"--energy {args.energy} is outside (0, 1]")
+    manifest = compress_models(args.base, dict(zip(names, args.models)), args.out, rank=args.rank, energy=args.energy)
+    table = Table(title=f"skill packs in {args.out}")
+    for column in ("task", "ranks (2-D layers)", "pack", "dense task vector", "kept"):
+        table.add_column(column, justify="right")
+    for task, info in manifest["tasks"].items():
+        ranks = sorted(info["ranks"].values())
+        span = f"{ranks[0]}–{ranks[-1]}" if ranks and ranks[0] != ranks[-1] else str(ranks[0] if ranks else "-")
+        table.add_row(task, span, f"{info['bytes'] / 2**20:.2f} MiB", f"{info['dense_bytes'] / 2**20:.2f} MiB",
+                      f"{info['bytes'] / info['dense_bytes']:.1%}")
+    _console().print(table)
+    return 0
+
+
 @command("calibrate")
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from merge3.search import CalibrationSettings, calibrate_bank
@@ -436,6 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue a federated run after its last finished round")
     p.add_argument("--name", help="run name (default: <name>-s<seed>-<time>)")
     p.add_argument("--runs-dir", default="runs")
+
+    p = sub.add_parser("compress", help="skill packs: each fine-tune as the low-rank factors of its task vector")
+    p.add_argument("base", help="base model folder")
+    p.add_argument("models", nargs="+", help="fine-tuned model folders")
+    p.add_argument("--out", required=True, help="output folder of the packs (must not exist or be empty)")
+    p.add_argument("--names", help="comma-separated task names (default: folder names)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=int, help="singular triplets per 2-D layer (default: rank // number of tasks)")
+    size.add_argument("--energy", type=float, help="keep this share of each layer's squared norm, in (0, 1]")
 
     p = sub.add_parser("calibrate", help="fit the IRT estimators of an item bank (cheap fitness for the search)")
     p.add_argument("bank", help="item-bank folder; results go to BANK/calibration")

@@ -625,6 +625,72 @@ def test_search(case, assets, runner, tmp_path):
     run_case(case, assets, runner, tmp_path)
 
 
+# ---- compress: skill packs -------------------------------------------------------------------------------------------
+
+def _packs(paths, work):
+    from merge3.models import compress_models
+
+    compress_models(paths["base"], {"a": paths["a"], "b": paths["b"]}, work / "packs", rank=2)
+
+
+def _damaged_pack(mutate):
+    def setup(paths, work):
+        _packs(paths, work)
+        mutate(work / "packs" / "a")
+    return setup
+
+
+def _drop_layer(pack):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(pack / "factors.safetensors"))
+    kept = {k: v for k, v in tensors.items() if not k.startswith("layers.1.weight")}
+    save_file(kept, str(pack / "factors.safetensors"))
+
+
+def _other_base(pack):
+    info = json.loads((pack / "pack.json").read_text())
+    info["base"]["sha256"] = "0" * 64
+    (pack / "pack.json").write_text(json.dumps(info))
+
+
+def _pack_merge(model="packs/a"):
+    return f"merge_method: task_arithmetic\nbase_model: @base\nmodels:\n  - {{model: {model}, parameters: {{weight: 1}}}}\n"
+
+
+COMPRESS = [
+    C("rank-zero", "compress @base @a @b --out packs --rank 0", "--rank 0: a rank must be a positive integer"),
+    C("rank-negative", "compress @base @a @b --out packs --rank -2", "--rank -2: a rank must be a positive integer"),
+    C("rank-above-a-layer", "compress @base @a @b --out packs --rank 9", "--rank 9 is above the rank of layer",
+      "'layers.0.weight' (8"),
+    C("energy-zero", "compress @base @a @b --out packs --energy 0", "--energy 0.0 is outside (0, 1]"),
+    C("energy-above-one", "compress @base @a @b --out packs --energy 1.5", "--energy 1.5 is outside (0, 1]"),
+    C("energy-nan", "compress @base @a @b --out packs --energy nan", "--energy nan is outside (0, 1]"),
+    C("rank-and-energy", "compress @base @a @b --out packs --rank 2 --energy 0.5", "not allowed with argument"),
+    C("names-mismatch", "compress @base @a @b --out packs --names x", "--names: give one distinct name per model"),
+    C("names-repeat", "compress @base @a @b --out packs --names x,x", "--names: give one distinct name per model"),
+    C("nan-model", "compress @base @nan --out packs", "@nan has 1 NaN/Inf value(s)"),
+    C("mis-shaped-model", "compress @base @shape --out packs", "'layers.1.weight' 16×20 vs 16×16"),
+    C("out-exists", "compress @base @a --out mine", "'mine' already exists and is not empty",
+      files={"mine/notes.txt": "mine"}),
+    C("pack-missing-a-layer", "eval packs/a --bank @bank", "skill pack 'packs/a' is missing layer 'layers.1.weight'",
+      setup=_damaged_pack(_drop_layer)),
+    C("pack-base-changed", "eval packs/a --bank @bank", "has changed since the pack was made",
+      setup=_damaged_pack(_other_base)),
+    C("pack-manifest-corrupt", "eval packs/a --bank @bank", "pack.json cannot be read",
+      setup=_damaged_pack(lambda pack: (pack / "pack.json").write_text("{"))),
+    C("pack-with-another-base", "merge m.yaml --out out", "skill pack '@w/packs/a' was made from another base",
+      files={"m.yaml": _pack_merge("@w/packs/a").replace("@base", "@a")}, setup=_packs),
+    C("pack-without-a-base", "merge m.yaml --out out", "skill pack '@w/packs/a' is a task vector: it needs its base",
+      files={"m.yaml": "merge_method: linear\nmodels:\n  - {model: @w/packs/a}\n  - {model: @b}\n"}, setup=_packs),
+]
+
+
+@pytest.mark.parametrize("case", COMPRESS)
+def test_compress(case, assets, runner, tmp_path):
+    run_case(case, assets, runner, tmp_path)
+
+
 # ---- federate: bad federated configs and runs -----------------------------------------------------------------------
 
 def fed(**over) -> str:

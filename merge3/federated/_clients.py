@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from merge3.models import MLP
+from merge3.models import MLP, truncated_svd
 from merge3.zoo import ClientData
 
 StateDict = dict[str, torch.Tensor]
@@ -74,20 +74,16 @@ def local_update(global_model: Mapping[str, torch.Tensor] | None, sizes: Sequenc
 
 
 def low_rank(delta: torch.Tensor, rank: int | None = None, energy: float | None = None) -> tuple[torch.Tensor, int]:
-    """The SVD truncation of a 2-D delta to ``rank`` singular vectors (or the fewest that keep ``energy`` of its
-    squared Frobenius norm), and that rank.
+    """What the server rebuilds from a 2-D delta sent as its truncated SVD factors (``rank`` triplets, or the fewest
+    keeping ``energy`` of its squared norm; float32 factors, as sent), and that rank.
 
     >>> d = torch.diag(torch.tensor([3., 1., 0.]))
     >>> kept, k = low_rank(d, energy=0.9)
     >>> k, kept.diagonal().tolist()
     (1, [3.0, 0.0, 0.0])
     """
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    if rank is None:
-        share = torch.cumsum(s**2, 0) / max(float((s**2).sum()), 1e-300)
-        rank = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype) - 1e-12)) + 1
-    rank = min(rank, len(s))
-    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(delta.dtype), rank
+    u, s, vh = truncated_svd(delta, rank, energy)
+    return ((u * s) @ vh).to(delta.dtype), len(s)
 
 
 def send(global_model: Mapping[str, torch.Tensor] | None, model: StateDict, compress) -> tuple[StateDict, int, int]:

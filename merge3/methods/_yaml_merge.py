@@ -243,7 +243,8 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
     >>> io.load_state_dict(out)["w"].tolist(), (out / "merge3-manifest.json").exists()
     ([2.0, 2.0], True)
     """
-    from merge3.models import atomic_dir, check_compatible, check_same_tokenizer, copy_model_files, open_lazy, parse_size
+    from merge3.models import (atomic_dir, check_compatible, check_pack_base, check_same_tokenizer, copy_model_files,
+                               open_lazy, parse_size)
 
     config_path = Path(config_path)
     config = load_config(config_path)
@@ -253,6 +254,7 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
         raise Merge3Error(f"field 'base_model': {config.merge_method} needs a base model")
     base_path = _resolve_path(config.base_model, config_path.parent, "base_model") if config.base_model else None
     model_paths = [_resolve_path(m.model, config_path.parent, f"models.{i}.model") for i, m in enumerate(config.models)]
+    check_pack_base(base_path, model_paths, "models")
     reference_path = base_path if base_path is not None else model_paths[0]
     check_same_tokenizer(reference_path, [p for p in model_paths if p != reference_path])
     base = open_lazy(base_path) if base_path is not None else None

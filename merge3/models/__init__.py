@@ -25,6 +25,7 @@ from merge3.models._io import (
     read_yaml_mapping,
     write_text_atomic,
 )
+from merge3.models._packs import PackStateDict, check_pack_base, compress_models, is_pack, truncated_svd, weights_sha256
 from merge3.models._tokenizers import check_same_tokenizer
 from merge3.models._task_vectors import (
     apply_task_vector,
@@ -38,16 +39,20 @@ from merge3.models._task_vectors import (
 __all__ = [
     "MLP",
     "LazyStateDict",
+    "PackStateDict",
     "StateDict",
     "apply_task_vector",
     "atomic_dir",
     "build_model",
     "check_compatible",
     "check_finite",
+    "check_pack_base",
+    "compress_models",
     "check_same_tokenizer",
     "copy_model_files",
     "file_sha256",
     "is_mergeable",
+    "is_pack",
     "load_model",
     "load_state_dict",
     "open_lazy",
@@ -59,7 +64,9 @@ __all__ = [
     "state_dict_sha256",
     "task_vector",
     "task_vectors",
+    "truncated_svd",
     "weight_files",
+    "weights_sha256",
     "file_in_the_way",
     "plain",
     "read_yaml_mapping",

@@ -169,8 +169,11 @@ _SAFETENSORS_DTYPES = {
 
 
 def open_lazy(path: str | os.PathLike) -> LazyStateDict:
-    """Open the weights at ``path`` for per-tensor access without reading them all."""
-    return LazyStateDict(path)
+    """Open the weights at ``path`` for per-tensor access without reading them all (a skill pack: the model it stands
+    for, rebuilt from its base and factors one tensor at a time)."""
+    from merge3.models._packs import PackStateDict, is_pack
+
+    return PackStateDict(path) if is_pack(path) else LazyStateDict(path)
 
 
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:

@@ -23,6 +23,7 @@ from merge3.methods import CandidateBuilder, get_method, layer_groups, plans_fro
 from merge3.models import (
     check_compatible,
     check_finite,
+    check_pack_base,
     check_same_tokenizer,
     load_state_dict,
     open_lazy,
@@ -88,6 +89,7 @@ class MergeWorkloadFactory:
         if self.base is None and not same_task:
             same = ", ".join(sorted(n for n, m in registered().items() if m.same_task))
             raise Merge3Error(f"models.base is required for task-vector methods (omit it only for {same})")
+        check_pack_base(self.base, self.endpoints, "models.endpoints")
         reference = open_lazy(self.base or self.endpoints[0])
         others = [open_lazy(p) for p in self.endpoints]
         check_compatible(reference, others, names=self.endpoints, reference_name=self.base or self.endpoints[0])
