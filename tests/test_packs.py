@@ -132,3 +132,20 @@ def test_bad_ranks_and_outputs_are_refused_before_anything_is_written(models):
     with pytest.raises(Merge3Error, match="already exists and is not empty"):
         compress_models(root / "base", paths, root / "mine", rank=2)
     assert [p.name for p in (root / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_pack_of_a_hugging_face_model_loads_as_that_model(tiny_lm, tmp_path):
+    from merge3.models import load_model
+
+    base = load_model(tiny_lm, hf_class="AutoModelForCausalLM")
+    g = torch.Generator().manual_seed(1)
+    stored = set(open_lazy(tiny_lm))  # tied weights (lm_head) are stored once
+    tuned = {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in base.state_dict().items() if k in stored}
+    save_state_dict(tuned, tmp_path / "ft", copy_from=tiny_lm)
+    compress_models(tiny_lm, {"ft": tmp_path / "ft"}, tmp_path / "packs", energy=1.0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    dense = load_model(tmp_path / "ft", hf_class="AutoModelForCausalLM")
+    packed = load_model(tmp_path / "packs" / "ft", hf_class="AutoModelForCausalLM")
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, packed(ids).logits, atol=1e-4)

@@ -25,7 +25,7 @@ from merge3.models._io import (
     read_yaml_mapping,
     write_text_atomic,
 )
-from merge3.models._packs import PackStateDict, check_pack_base, compress_models, is_pack, truncated_svd, weights_sha256
+from merge3.models._packs import PackStateDict, check_pack_base, compress_models, is_pack, pack_base, truncated_svd, weights_sha256
 from merge3.models._tokenizers import check_same_tokenizer
 from merge3.models._task_vectors import (
     apply_task_vector,
@@ -53,6 +53,7 @@ __all__ = [
     "file_sha256",
     "is_mergeable",
     "is_pack",
+    "pack_base",
     "load_model",
     "load_state_dict",
     "open_lazy",

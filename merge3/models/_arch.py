@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from merge3._errors import Merge3Error
-from merge3.models._io import load_state_dict, save_state_dict
+from merge3.models._io import load_state_dict, open_lazy, save_state_dict
+from merge3.models._packs import is_pack, pack_base
 
 
 class MLP(nn.Module):
@@ -82,6 +83,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", hf_c
     config = read_config(path)
     if config is None:
         raise Merge3Error(f"'{path}' has no config.json: cannot tell which architecture to build")
+    if is_pack(path):
+        return _load_pack(path, device, hf_class)
     if "merge3_architecture" in config:
         module = build_model(config)
         state = load_state_dict(path)
@@ -108,6 +111,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", hf_c
         module = auto.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise Merge3Error(f"cannot load Hugging Face model from '{path}': {str(e).splitlines()[0]}") from None
+    return module.to(device).eval()
+
+
+def _load_pack(path: Path, device, hf_class: str) -> nn.Module:
+    """A skill pack as a module: its base's architecture, with the pack's tensors (the base plus its factors)."""
+    module = load_model(pack_base(path), hf_class=hf_class)
+    pack, state = open_lazy(path), module.state_dict()
+    missing = [k for k in pack if k not in state]
+    if missing:
+        raise Merge3Error(f"skill pack '{path}': its base's module has no tensor '{missing[0]}'")
+    with torch.no_grad():
+        for key in pack:
+            state[key].copy_(pack[key])
     return module.to(device).eval()
 
 

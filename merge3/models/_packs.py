@@ -42,6 +42,11 @@ def is_pack(path: str | os.PathLike) -> bool:
     return (Path(path) / PACK_FILE).is_file()
 
 
+def pack_base(path: str | os.PathLike) -> Path:
+    """The base model folder a skill pack was made from."""
+    return Path(_read_manifest(Path(path))["base"].get("path", ""))
+
+
 def truncated_svd(delta: torch.Tensor, rank: int | None = None, energy: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, Vh) of a 2-D delta cut to ``rank`` singular triplets, or to the fewest that keep ``energy`` of its
