@@ -189,8 +189,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from merge3.methods import inspect_models, write_inspection
 
-    names = [Path(m).name for m in args.models]
+    names = args.names.split(",") if args.names else [Path(m).name for m in args.models]
+    if len(names) != len(args.models) or len(set(names)) != len(names) or not all(names):
+        raise Merge3Error(f"--names: give one distinct name per model ({len(args.models)}), got {args.names!r}")
+    if (args.alphas or args.split) and not args.bank:
+        raise Merge3Error("--alphas and --split apply to the disentanglement error: give --bank too")
     report = inspect_models(args.base, args.models, names=names)
+    xi = None
+    if args.bank:
+        from merge3.itembank import DEFAULT_ALPHAS, disentanglement
+
+        xi = disentanglement(args.bank, args.base, dict(zip(names, args.models)), alphas=args.alphas or DEFAULT_ALPHAS,
+                             split=args.split or "search")
     console = _console()
     for title, frame, fmt in (("task-vector cosine similarity", report.cosine, "{:+.3f}"),
                               ("sign-conflict rate", report.sign_conflicts, "{:.1%}")):
@@ -202,8 +212,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             table.add_row(str(index), *(fmt.format(v) for v in row))
         console.print(table)
     console.print(report.summary(), markup=False)
+    if xi is not None:
+        table = Table(title=f"weight disentanglement error ξ on the {xi.split} split (0: no interference; max 2)")
+        for column in ("task a", "task b", "ξ(1, 1)", "mean over the α grid", "worst cell"):
+            table.add_column(column, justify="right")
+        for row in xi.summary().itertuples():
+            table.add_row(row.task_a, row.task_b, f"{row.xi_at_1_1:.3f}", f"{row.xi_mean:.3f}", f"{row.xi_max:.3f}")
+        console.print(table)
     if args.out:
-        written = write_inspection(report, args.out)
+        written = write_inspection(report, args.out, extras=[xi] if xi is not None else [])
         console.print(f"tables and heatmaps: {', '.join(str(p) for p in written)}")
     return 0
 
@@ -400,6 +417,19 @@ def _int_at_least(minimum: int):
 _SEED, _COUNT = _int_at_least(0), _int_at_least(1)
 
 
+def _alphas(text: str) -> list[float]:
+    """``0,0.5,1`` → [0.0, 0.5, 1.0] (finite numbers)."""
+    import math
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of finite numbers")
+    return values
+
+
 def _sizes(text: str) -> list[int]:
     """``5,10,20`` → [5, 10, 20] (positive integers)."""
     try:
@@ -557,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="base model folder or file")
     p.add_argument("models", nargs="+", help="fine-tuned model folders or files")
     p.add_argument("--out", help="folder for CSV tables and PNG heatmaps")
+    p.add_argument("--names", help="comma-separated names (default: folder names); with --bank, the models' tasks")
+    p.add_argument("--bank", help="item bank: adds the weight-disentanglement error ξ between task pairs")
+    p.add_argument("--alphas", type=_alphas, default=None, help="α grid of ξ (default 0,0.25,…,1.5)")
+    p.add_argument("--split", choices=["search", "test"], default=None, help="items ξ is measured on (search)")
 
     from merge3.runs import FORMATS
 

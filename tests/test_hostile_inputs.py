@@ -494,6 +494,13 @@ INSPECT = [
     C("out-is-a-file", "inspect @base @a @b --out mine.txt", "'mine.txt' is a file", files={"mine.txt": "notes"}),
     C("out-exists-non-empty", "inspect @base @a @b --out mine", "'mine' already exists and is not empty",
       files={"mine/cosine.csv": "my own table"}),
+    C("xi-names-not-tasks", "inspect @base @a @b --names x,y --bank @bank", "'x' is not a task of bank",
+      "name each model by its task"),
+    C("xi-names-count", "inspect @base @a @b --names a --bank @bank", "--names: give one distinct name per model"),
+    C("xi-alphas-not-numbers", "inspect @base @a @b --names a,b --bank @bank --alphas 0,x", "--alphas", "'0,x'"),
+    C("xi-alphas-nan", "inspect @base @a @b --names a,b --bank @bank --alphas nan", "--alphas", "'nan'"),
+    C("xi-alphas-without-bank", "inspect @base @a @b --alphas 0,1", "give --bank too"),
+    C("xi-bank-missing", "inspect @base @a @b --names a,b --bank @w/nowhere", "nowhere"),
 ]
 
 

@@ -36,6 +36,7 @@ from merge3.itembank._evaluators import (
     score_choices_shared,
 )
 from merge3.itembank._from_file import FileTask, bank_from_file
+from merge3.itembank._disentangle import DEFAULT_ALPHAS, Disentanglement, disentanglement
 
 from merge3.itembank._estimators import ESTIMATORS, Estimate, Estimator
 from merge3.itembank._fidelity import FIDELITY_NS, fidelity_benchmark, format_fidelity_table
@@ -48,6 +49,9 @@ from merge3.itembank._subsets import SUBSET_METHODS, Subset, select_subset
 from merge3.itembank._synthetic_irt import SyntheticBank, simulate_bank, simulate_merges
 
 __all__ = [
+    "DEFAULT_ALPHAS",
+    "Disentanglement",
+    "disentanglement",
     "SyntheticBank",
     "simulate_bank",
     "simulate_merges",

@@ -61,9 +61,10 @@ class ClassifierEvaluator:
             _check_answers(bank, task, weight.shape[0])
 
     @torch.inference_mode()
-    def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        """The predicted class of every item in ``indices`` (through its task's head when the bank has heads)."""
         indices = _all(self.bank, indices)
-        correct = np.zeros(len(indices), dtype=bool)
+        predicted = np.zeros(len(indices), dtype=np.int64)
         tasks = self.bank.task_of[indices]
         for task in np.unique(tasks):
             where = np.flatnonzero(tasks == task)
@@ -79,8 +80,12 @@ class ClassifierEvaluator:
                                           f"the model gives {out.shape[-1]}")
                     out = out @ weight.T + bias
                 preds.append(out.argmax(-1))
-            correct[where] = (torch.cat(preds) == self.answers[rows]).cpu().numpy()
-        return correct
+            predicted[where] = torch.cat(preds).cpu().numpy()
+        return predicted
+
+    def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        indices = _all(self.bank, indices)
+        return self.predict(model, indices) == self.answers.cpu().numpy()[indices]
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -195,19 +200,24 @@ class TextClassifierEvaluator:
         tasks = self.bank.task_of[indices]
         return [emb[r] @ self.heads[t][0].T + self.heads[t][1] for r, t in enumerate(tasks)]
 
-    def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        """The predicted class of every item in ``indices`` (its task head's argmax)."""
         indices = _all(self.bank, indices)
-        correct = np.zeros(len(indices), dtype=bool)
+        predicted = np.zeros(len(indices), dtype=np.int64)
         if len(indices) == 0:
-            return correct
+            return predicted
         emb = self.embeddings(model, indices)
         tasks = self.bank.task_of[indices]
         for task in np.unique(tasks):
             where = np.flatnonzero(tasks == task)
             weight, bias = self.heads[task]
-            preds = (emb[torch.as_tensor(where, device=emb.device)] @ weight.T + bias).argmax(-1).cpu().numpy()
-            correct[where] = preds == self.answers[indices[where]]
-        return correct
+            logits = emb[torch.as_tensor(where, device=emb.device)] @ weight.T + bias
+            predicted[where] = logits.argmax(-1).cpu().numpy()
+        return predicted
+
+    def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        indices = _all(self.bank, indices)
+        return self.predict(model, indices) == self.answers[indices]
 
 
 def load_tokenizer(path: str | os.PathLike):

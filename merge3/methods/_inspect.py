@@ -148,9 +148,10 @@ def write_heatmap(frame: pd.DataFrame, path: str | os.PathLike, title: str, cmap
     return path
 
 
-def write_inspection(report: Inspection, out_dir: str | os.PathLike) -> list[Path]:
+def write_inspection(report: Inspection, out_dir: str | os.PathLike, extras: Sequence = ()) -> list[Path]:
     """CSV tables and PNG heatmaps (cosine, sign conflicts, per-layer norms) of a report, into ``out_dir`` (a new or
-    empty folder: written in a temporary folder and renamed, so no file of the user's is overwritten)."""
+    empty folder: written in a temporary folder and renamed, so no file of the user's is overwritten). ``extras``:
+    more diagnostics written into the same folder, each by its ``write_into(folder) -> [file names]``."""
     from merge3.models import atomic_dir
 
     out = Path(out_dir)
@@ -163,6 +164,8 @@ def write_inspection(report: Inspection, out_dir: str | os.PathLike) -> list[Pat
         write_heatmap(report.sign_conflicts, tmp / "sign_conflicts.png", "sign-conflict rate", "magma", 0, 1)
         write_heatmap(report.layer_norms, tmp / "layer_norms.png", "task-vector norm per layer")
         written += ["cosine.png", "sign_conflicts.png", "layer_norms.png"]
+        for extra in extras:
+            written += extra.write_into(tmp)
     return [out / name for name in written]
 
 
