@@ -154,6 +154,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("route")
+def cmd_route(args: argparse.Namespace) -> int:
+    from merge3.models import build_routed, is_pack
+
+    folders = [Path(p) for p in args.packs]
+    if len(folders) == 1 and (folders[0] / "manifest.json").is_file() and not is_pack(folders[0]):
+        folders = sorted(p for p in folders[0].iterdir() if is_pack(p))  # the folder `merge3 compress` wrote
+    missing = [p for p in folders if not is_pack(p)]
+    if missing:
+        raise Merge3Error(f"'{missing[0]}' is not a skill pack (no pack.json): make packs with merge3 compress")
+    names = args.names.split(",") if args.names else [p.name for p in folders]
+    if len(names) != len(folders) or len(set(names)) != len(names) or not all(names):
+        raise Merge3Error(f"--names: give one distinct name per pack ({len(folders)}), got {args.names!r}")
+    out = build_routed(dict(zip(names, folders)), args.out, layer=args.layer)
+    _console().print(f"routed model over {len(names)} tasks ({', '.join(names)}) in {out}; "
+                     f"evaluate it with merge3 eval {out} --bank BANK")
+    return 0
+
+
 @command("calibrate")
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from merge3.search import CalibrationSettings, calibrate_bank
@@ -499,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--rank", type=int, help="singular triplets per 2-D layer (default: rank // number of tasks)")
     size.add_argument("--energy", type=float, help="keep this share of each layer's squared norm, in (0, 1]")
+
+    p = sub.add_parser("route", help="a model that routes each input to one skill pack by its TSV subspace (MASS)")
+    p.add_argument("packs", nargs="+", help="skill-pack folders, or the folder merge3 compress wrote")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--names", help="comma-separated task names (default: pack folder names)")
+    p.add_argument("--layer", help="the linear layer whose input routes (default: the first one the packs change)")
 
     p = sub.add_parser("calibrate", help="fit the IRT estimators of an item bank (cheap fitness for the search)")
     p.add_argument("bank", help="item-bank folder; results go to BANK/calibration")

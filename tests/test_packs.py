@@ -44,6 +44,9 @@ def test_a_full_rank_pack_rebuilds_its_model_and_r_over_t_is_tsv_c(models):
         assert close(load_state_dict(root / "tsvc" / name), dense)
     info = manifest["tasks"]["t0"]
     assert info["ranks"] == {"layers.0.weight": 4, "layers.1.weight": 5, "layers.2.weight": 1}  # min(m, n) // 3
+    # rank 12: no factors smaller than the matrices themselves, so every delta is kept whole (and exact)
+    assert compress_models(root / "base", paths, root / "r12", rank=12)["tasks"]["t0"]["ranks"] == {}
+    assert close(load_state_dict(root / "r12" / "t0"), load_state_dict(paths["t0"]))
     assert info["bytes"] < info["dense_bytes"]
     on_disk = json.loads((root / "tsvc" / "manifest.json").read_text())
     assert on_disk["base"]["sha256"] == manifest["base"]["sha256"] and set(on_disk["tasks"]) == set(paths)
@@ -120,8 +123,8 @@ def test_a_pack_is_refused_when_its_base_changed_or_differs_or_a_layer_is_missin
 
 def test_bad_ranks_and_outputs_are_refused_before_anything_is_written(models):
     root, paths = models
-    with pytest.raises(Merge3Error, match=r"--rank 13 is above the rank of layer 'layers.0.weight' \(12"):
-        compress_models(root / "base", paths, root / "x", rank=13)
+    with pytest.raises(Merge3Error, match=r"--rank 17 is above the rank of every layer \(the largest: 'layers.1.weight', rank 16"):
+        compress_models(root / "base", paths, root / "x", rank=17)
     with pytest.raises(Merge3Error, match="a rank must be a positive integer"):
         compress_models(root / "base", paths, root / "x", rank=0)
     with pytest.raises(Merge3Error, match=r"outside \(0, 1\]"):

@@ -26,6 +26,7 @@ from merge3.models._io import (
     write_text_atomic,
 )
 from merge3.models._packs import PackStateDict, check_pack_base, compress_models, is_pack, pack_base, truncated_svd, weights_sha256
+from merge3.models._routing import RoutedModel, build_routed, is_routed, load_routed
 from merge3.models._tokenizers import check_same_tokenizer
 from merge3.models._task_vectors import (
     apply_task_vector,
@@ -40,10 +41,12 @@ __all__ = [
     "MLP",
     "LazyStateDict",
     "PackStateDict",
+    "RoutedModel",
     "StateDict",
     "apply_task_vector",
     "atomic_dir",
     "build_model",
+    "build_routed",
     "check_compatible",
     "check_finite",
     "check_pack_base",
@@ -53,8 +56,10 @@ __all__ = [
     "file_sha256",
     "is_mergeable",
     "is_pack",
+    "is_routed",
     "pack_base",
     "load_model",
+    "load_routed",
     "load_state_dict",
     "open_lazy",
     "parse_size",

@@ -16,6 +16,7 @@ from torch import nn
 from merge3._errors import Merge3Error
 from merge3.models._io import load_state_dict, open_lazy, save_state_dict
 from merge3.models._packs import is_pack, pack_base
+from merge3.models._routing import is_routed, load_routed
 
 
 class MLP(nn.Module):
@@ -83,6 +84,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", hf_c
     config = read_config(path)
     if config is None:
         raise Merge3Error(f"'{path}' has no config.json: cannot tell which architecture to build")
+    if is_routed(path):
+        return load_routed(path, hf_class, device)
     if is_pack(path):
         return _load_pack(path, device, hf_class)
     if "merge3_architecture" in config:

@@ -162,8 +162,9 @@ def compress_models(base: str | os.PathLike, models: Mapping[str, str | os.PathL
     (``out/manifest.json``: per task its ranks per layer and bytes before/after).
 
     Every 2-D float tensor of a task vector keeps ``rank`` singular triplets, or the fewest that keep ``energy`` of
-    its squared norm, or by default ``max(1, r // T)`` for T tasks (TSV-C's choice); other float tensors are kept
-    dense. A ``rank`` above a layer's rank is refused (naming the layer).
+    its squared norm, or by default ``max(1, r // T)`` for T tasks (TSV-C's choice); where the factors would not be
+    smaller than the matrix (a rank at or near the matrix's own, e.g. a 2-row embedding) the delta is kept whole, as
+    are other float tensors (``ranks`` lists the factorised ones). A ``rank`` above every layer's rank is refused.
     """
     from merge3.models._io import atomic_dir, copy_model_files, open_lazy
     from merge3.models._task_vectors import check_compatible, check_finite
@@ -184,12 +185,10 @@ def compress_models(base: str | os.PathLike, models: Mapping[str, str | os.PathL
     for name, weights in [(str(base), base_sd), *((str(models[n]), m) for n, m in lazies.items())]:
         check_finite(weights, name)
     two_d = [k for k in base_sd if base_sd.dtype(k).is_floating_point and len(base_sd.shape(k)) == 2]
-    if rank is not None:
-        too_big = [k for k in two_d if rank > min(base_sd.shape(k))]
-        if too_big:
-            k = too_big[0]
-            raise Merge3Error(f"--rank {rank} is above the rank of layer '{k}' ({min(base_sd.shape(k))}, "
-                              f"shape {'×'.join(map(str, base_sd.shape(k)))})")
+    if rank is not None and two_d and all(rank > min(base_sd.shape(k)) for k in two_d):
+        k = max(two_d, key=lambda key: min(base_sd.shape(key)))
+        raise Merge3Error(f"--rank {rank} is above the rank of every layer (the largest: '{k}', rank "
+                          f"{min(base_sd.shape(k))}, shape {'×'.join(map(str, base_sd.shape(k)))})")
     base_hash = weights_sha256(base_path)
     manifest = {"format": "merge3-skill-packs", "base": {"path": str(base_path), "sha256": base_hash},
                 "rank": rank, "energy": energy, "tasks": {}}
@@ -218,10 +217,12 @@ def _write_pack(folder: Path, base, model, two_d: list[str], rank, energy, n_tas
         if key in two_d:
             k = rank if (rank is not None or energy is not None) else max(1, min(delta.shape) // n_tasks)
             u, s, vh = truncated_svd(delta, None if energy is not None else k, energy)
-            tensors.update({f"{key}{_SEP}U": u, f"{key}{_SEP}S": s, f"{key}{_SEP}Vh": vh})
-            ranks[key] = len(s)
-        else:
-            tensors[f"{key}{_SEP}delta"] = delta.contiguous()
+            m, n = delta.shape
+            if len(s) * (m + n + 1) < m * n:  # factors only where they are smaller than the matrix itself
+                tensors.update({f"{key}{_SEP}U": u, f"{key}{_SEP}S": s, f"{key}{_SEP}Vh": vh})
+                ranks[key] = len(s)
+                continue
+        tensors[f"{key}{_SEP}delta"] = delta.contiguous()
     save_file(tensors, str(folder / FACTORS))
     return {"ranks": ranks, "bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "dense_bytes": dense,
             "rank": rank, "energy": energy}

@@ -1,0 +1,65 @@
+"""MASS-style routing over skill packs on the digits zoo: each input goes to the task whose TSV subspace explains
+its representation best; the routed model is an ordinary module that `merge3 eval` scores, and it beats TSV-Merge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from merge3 import Merge3Error
+from merge3.cli import main
+from merge3.itembank import ItemBank, load_model_for, make_evaluator
+from merge3.methods import tsv_merge
+from merge3.models import build_routed, compress_models, load_model, load_state_dict
+
+
+@pytest.fixture(scope="module")
+def routed(digits_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("routing")
+    compress_models(digits_zoo.base, {t: str(p) for t, p in digits_zoo.finetuned.items()}, root / "packs")
+    build_routed({t: root / "packs" / t for t in digits_zoo.finetuned}, root / "routed", layer="layers.1")
+    return root
+
+
+def test_inputs_go_to_their_own_task_where_the_domains_separate(digits_zoo, routed):
+    bank = ItemBank.load(digits_zoo.bank, warn=False)
+    model = load_model(routed / "routed")
+    rows = bank.test_indices
+    x = torch.tensor(np.stack(bank.items["input"].to_numpy()[rows]), dtype=torch.float32)
+    chosen = np.array(model.tasks)[model.route(x).numpy()]
+    own = {t: float(np.mean(chosen[bank.task_of[rows] == t] == t)) for t in bank.tasks}
+    assert own["permuted"] > 0.95 and own["inverted"] > 0.95 and own["rot90"] > 0.9  # pixel maps unlike the rest
+
+
+def test_the_routed_model_beats_tsv_merge_on_test_items(digits_zoo, routed):
+    bank = ItemBank.load(digits_zoo.bank, warn=False)
+    evaluate = make_evaluator(bank)
+    test = bank.test_indices
+    routed_acc = bank.per_task_accuracy(evaluate(load_model_for(bank, routed / "routed"), test), test)
+    base = load_state_dict(digits_zoo.base)
+    fts = [load_state_dict(p) for p in digits_zoo.finetuned.values()]
+    search = bank.search_indices
+    module = load_model(digits_zoo.base)
+
+    def mean_acc(state, rows):
+        module.load_state_dict(state)
+        return float(np.mean(evaluate(module, rows)))
+    alpha = max((0.5, 1.0, 1.5, 2.0), key=lambda a: mean_acc(tsv_merge(base, fts, alpha=a), search))
+    tsv_acc = mean_acc(tsv_merge(base, fts, alpha=alpha), test)
+    assert np.mean(list(routed_acc.values())) > tsv_acc + 0.1
+
+
+def test_merge3_eval_scores_a_routed_folder(digits_zoo, routed, capsys):
+    assert main(["eval", str(routed / "routed"), "--bank", str(digits_zoo.bank)]) == 0
+    assert "mean" in capsys.readouterr().out
+
+
+def test_bad_routes_are_refused(digits_zoo, routed, tmp_path):
+    packs = {t: routed / "packs" / t for t in ("upright", "rot90")}
+    with pytest.raises(Merge3Error, match="at least two skill packs"):
+        build_routed({"upright": packs["upright"]}, tmp_path / "r")
+    with pytest.raises(Merge3Error, match="no factors for 'layers.9.weight'"):
+        build_routed(packs, tmp_path / "r", layer="layers.9")
+    assert main(["route", str(digits_zoo.base), "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
