@@ -91,7 +91,7 @@ def test_packs_as_search_endpoints_give_the_search_of_the_dense_models(digits_zo
                             ("dense", [tmp_path / f"dense-{n}" for n in names])):
         space = {"name": kind, "seed": 0, "device": "cpu",
                  "models": {"base": str(digits_zoo.base), "endpoints": [str(p) for p in endpoints], "names": names},
-                 "bank": {"path": str(digits_zoo.bank), "estimator": "naive", "items_per_task": 10},
+                 "bank": {"path": str(digits_zoo.bank), "estimator": "full", "items_per_task": None},
                  "genome": {"granularity": "model", "methods": ["task_arithmetic"]},
                  "engine": {"population": 4, "generations": 1}, "executor": {"kind": "local"}}
         outcome = merge3.search(space, runs_dir=tmp_path / "runs", name=kind, progress=False)

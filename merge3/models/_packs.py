@@ -13,11 +13,11 @@ has the recorded weights. A merge or search whose own base is another model refu
 
 >>> import tempfile, torch, merge3.models as mm
 >>> d = tempfile.mkdtemp()
->>> _ = mm.save_state_dict({"w": torch.zeros(3, 3)}, d + "/base")
->>> _ = mm.save_state_dict({"w": torch.diag(torch.tensor([3., 2., 1.]))}, d + "/ft")
+>>> _ = mm.save_state_dict({"w": torch.zeros(8, 8)}, d + "/base")
+>>> _ = mm.save_state_dict({"w": torch.diag(torch.arange(8.0, 0.0, -1.0))}, d + "/ft")
 >>> packs = mm.compress_models(d + "/base", {"ft": d + "/ft"}, d + "/packs", rank=2)
 >>> mm.load_state_dict(d + "/packs/ft")["w"].diagonal().tolist()
-[3.0, 2.0, 0.0]
+[8.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 """
 
 from __future__ import annotations
