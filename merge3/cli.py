@@ -702,8 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except _Terminated:
-        print("error: terminated (SIGTERM); nothing half-written is left — a run can be continued with merge3 resume",
-              file=sys.stderr)
+        print("error: terminated (SIGTERM); nothing half-written is left — a run can be continued with merge3 resume "
+              "(a federated run with merge3 federate --resume)", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

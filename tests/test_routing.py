@@ -63,3 +63,20 @@ def test_bad_routes_are_refused(digits_zoo, routed, tmp_path):
         build_routed(packs, tmp_path / "r", layer="layers.9")
     assert main(["route", str(digits_zoo.base), "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_routing_is_refused_for_generation_and_models_without_linear_layers(routed, tiny_lm, tmp_path):
+    with pytest.raises(Merge3Error, match="not to generation with causal LMs"):
+        load_model(routed / "routed", hf_class="AutoModelForCausalLM")
+    from merge3.models import open_lazy, save_state_dict
+
+    base = load_model(tiny_lm, hf_class="AutoModelForCausalLM")
+    stored = set(open_lazy(tiny_lm))
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        save_state_dict({k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()
+                         if k in stored and v.is_floating_point()}, tmp_path / f"ft{i}", copy_from=tiny_lm)
+    compress_models(tiny_lm, {f"t{i}": tmp_path / f"ft{i}" for i in range(2)}, tmp_path / "packs", rank=2)
+    with pytest.raises(Merge3Error, match="nothing to route on"):  # GPT-2's projections are Conv1D, not Linear
+        build_routed({f"t{i}": tmp_path / "packs" / f"t{i}" for i in range(2)}, tmp_path / "routed")
+    assert not (tmp_path / "routed").exists()

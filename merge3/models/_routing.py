@@ -191,7 +191,11 @@ def load_routed(path: str | os.PathLike, hf_class: str | None = None, device: st
         raise Merge3Error(f"routed model '{path}': {ROUTING_FILE} cannot be read ({e})") from None
     if not isinstance(routing, dict) or routing.get("format") != FORMAT or not routing.get("tasks"):
         raise Merge3Error(f"routed model '{path}': {ROUTING_FILE} is not a merge3 routing manifest")
-    module = load_model(routing["base"]["path"], hf_class=hf_class or routing.get("hf_class", "AutoModel"))
+    hf_class = hf_class or routing.get("hf_class", "AutoModel")
+    if "CausalLM" in hf_class:
+        raise Merge3Error(f"routed model '{path}': routing applies to classifiers and encoders, not to generation "
+                          "with causal LMs (every generated token would need its own route)")
+    module = load_model(routing["base"]["path"], hf_class=hf_class)
     names = dict(module.named_parameters()) | dict(module.named_buffers())
     weights, subspaces = [], []
     for task in routing["tasks"]:
