@@ -177,3 +177,25 @@ def test_ray_clients_and_server_compute_what_local_ones_do(ray_session, tmp_path
 
     server_search = Run.open(on_ray.rounds()[1]["aggregator"]["search"]["run"])
     assert server_search.meta["workers"] != [f"local:{os.getpid()}"]  # the server ran on an actor
+
+
+def test_sigkill_mid_run_then_cli_resume_gives_the_uninterrupted_final_model(tmp_path):
+    import signal
+
+    import yaml
+    from _runs import cli, wait_for_lines
+
+    cfg = config(rounds=12, local={"steps": 40, "batch_size": 16, "lr": 0.01})
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
+    whole = federate(cfg, runs_dir=tmp_path / "runs", name="whole", log=quiet)
+    proc = cli("federate", tmp_path / "f.yaml", "--runs-dir", tmp_path / "runs", "--name", "killed", wait=False)
+    wait_for_lines(tmp_path / "runs" / "killed" / "rounds.jsonl", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = FederatedRun.open(tmp_path / "runs" / "killed").rounds()
+    assert 3 <= len(done) < 13  # killed mid-run
+    resumed = cli("federate", "--resume", tmp_path / "runs" / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    run = FederatedRun.open(tmp_path / "runs" / "killed")
+    assert same_models(whole.final_model(), run.final_model())
+    assert rounds_without_timings(whole) == rounds_without_timings(run)
