@@ -139,8 +139,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else [Path(m).name for m in args.models]
     if len(names) != len(args.models) or len(set(names)) != len(names) or not all(names):
         raise Merge3Error(f"--names: give one distinct name per model ({len(args.models)}), got {args.names!r}")
-    if args.energy is not None and not (0.0 < args.energy <= 1.0):
-        raise Merge3Error(f"--energy {args.energy} is outside (0, 1]")
     manifest = compress_models(args.base, dict(zip(names, args.models)), args.out, rank=args.rank, energy=args.energy)
     table = Table(title=f"skill packs in {args.out}")
     for column in ("task", "ranks (2-D layers)", "pack", "dense task vector", "kept"):

@@ -148,7 +148,7 @@ def build_routed(packs: Mapping[str, str | os.PathLike], out: str | os.PathLike,
                  hf_class: str = "AutoModel") -> Path:
     """Write a routed model over ``packs`` (task → skill-pack folder, all of one base) into ``out`` (atomically)."""
     from merge3.models._arch import load_model
-    from merge3.models._io import atomic_dir, copy_model_files
+    from merge3.models._io import atomic_dir, copy_model_files, open_lazy
     from merge3.models._packs import FACTORS, _read_manifest, pack_base
 
     if len(packs) < 2:
@@ -159,13 +159,11 @@ def build_routed(packs: Mapping[str, str | os.PathLike], out: str | os.PathLike,
         raise Merge3Error("route: the skill packs were made from different bases (weights sha256 differ)")
     base = pack_base(next(iter(packs.values())))
     module = load_model(base, hf_class=hf_class)  # the base exists and loads; each pack is checked when read
-    from merge3.models._io import open_lazy
-
     factors = open_lazy(Path(next(iter(packs.values()))) / FACTORS)
     layer = layer or _first_routed_linear(module, {k.split("::")[0] for k in factors if k.endswith("::Vh")})
     if f"{layer}.weight::Vh" not in factors:
         raise Merge3Error(f"--layer '{layer}': the packs hold no factors for '{layer}.weight' (a 2-D linear layer)")
-    for t, p in packs.items():
+    for p in packs.values():
         open_lazy(p)  # a pack of another base, a changed base, a missing layer: refused here
     with atomic_dir(out) as tmp:
         for t, p in packs.items():
