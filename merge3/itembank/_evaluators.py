@@ -52,7 +52,7 @@ class ClassifierEvaluator:
         assert isinstance(spec, ClassifierSpec)
         self.bank, self.device, self.batch_size = bank, torch.device(device), spec.batch_size
         self.inputs = torch.tensor(np.stack(bank.items["input"].to_numpy()), dtype=torch.float32, device=self.device)
-        self.answers = torch.tensor(bank.items["answer"].to_numpy().astype(np.int64), device=self.device)
+        self.answers = bank.items["answer"].to_numpy().astype(np.int64)  # compared on the host, with the predictions
         self.heads = {t: load_head_file(bank, t, f, self.device) for t, f in (spec.heads or {}).items()}
         missing = [t for t in bank.tasks if spec.heads is not None and t not in self.heads]
         if missing:
@@ -85,7 +85,7 @@ class ClassifierEvaluator:
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         indices = _all(self.bank, indices)
-        return self.predict(model, indices) == self.answers.cpu().numpy()[indices]
+        return self.predict(model, indices) == self.answers[indices]
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:
