@@ -136,9 +136,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from merge3.models import compress_models
 
-    names = args.names.split(",") if args.names else [Path(m).name for m in args.models]
-    if len(names) != len(args.models) or len(set(names)) != len(names) or not all(names):
-        raise Merge3Error(f"--names: give one distinct name per model ({len(args.models)}), got {args.names!r}")
+    names = _distinct_names(args.names, args.models, "model")
     manifest = compress_models(args.base, dict(zip(names, args.models)), args.out, rank=args.rank, energy=args.energy)
     table = Table(title=f"skill packs in {args.out}")
     for column in ("task", "ranks (2-D layers)", "pack", "dense task vector", "kept"):
@@ -162,9 +160,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     missing = [p for p in folders if not is_pack(p)]
     if missing:
         raise Merge3Error(f"'{missing[0]}' is not a skill pack (no pack.json): make packs with merge3 compress")
-    names = args.names.split(",") if args.names else [p.name for p in folders]
-    if len(names) != len(folders) or len(set(names)) != len(names) or not all(names):
-        raise Merge3Error(f"--names: give one distinct name per pack ({len(folders)}), got {args.names!r}")
+    names = _distinct_names(args.names, folders, "pack")
     out = build_routed(dict(zip(names, folders)), args.out, layer=args.layer)
     _console().print(f"routed model over {len(names)} tasks ({', '.join(names)}) in {out}; "
                      f"evaluate it with merge3 eval {out} --bank BANK")
@@ -206,9 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from merge3.methods import inspect_models, write_inspection
 
-    names = args.names.split(",") if args.names else [Path(m).name for m in args.models]
-    if len(names) != len(args.models) or len(set(names)) != len(names) or not all(names):
-        raise Merge3Error(f"--names: give one distinct name per model ({len(args.models)}), got {args.names!r}")
+    names = _distinct_names(args.names, args.models, "model")
     if (args.alphas or args.split) and not args.bank:
         raise Merge3Error("--alphas and --split apply to the disentanglement error: give --bank too")
     report = inspect_models(args.base, args.models, names=names)
@@ -432,6 +426,14 @@ def _int_at_least(minimum: int):
 
 
 _SEED, _COUNT = _int_at_least(0), _int_at_least(1)
+
+
+def _distinct_names(text: str | None, paths, what: str) -> list[str]:
+    """``--names a,b`` (one distinct, non-empty name per path), or the paths' folder names."""
+    names = text.split(",") if text else [Path(p).name for p in paths]
+    if len(names) != len(paths) or len(set(names)) != len(names) or not all(names):
+        raise Merge3Error(f"--names: give one distinct name per {what} ({len(paths)}), got {text!r}")
+    return names
 
 
 def _alphas(text: str) -> list[float]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,12 +33,11 @@ from merge3.federated._clients import ClientWorker, LocalClients, RayClients, cl
 from merge3.federated._config import FederatedConfig, load_federated, parse_federated
 from merge3.federated._server import RayServer, ServerWorker, score
 from merge3.itembank import ItemBank
-from merge3.models import MLP, file_in_the_way, load_model, load_state_dict, plain, save_state_dict, write_text_atomic
-from merge3.runs import RunLock
+from merge3.models import MLP, load_model, load_state_dict, plain, save_state_dict, write_text_atomic
+from merge3.runs import RunLock, new_run_folder
 from merge3.zoo import digits_clients, write_federated_bank
 
 CONFIG, META, ROUNDS = "federated.yaml", "federation.json", "rounds.jsonl"
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -132,20 +130,8 @@ def federate(config: FederatedConfig | dict | str | os.PathLike, *, runs_dir: st
     """
     config = _as_config(config)
     name = name or f"{config.name}-s{config.seed}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if not _SAFE_NAME.match(name):
-        raise Merge3Error(f"run name '{name}' may only use letters, digits, '.', '_' and '-'")
     initial = _initial_model(config)  # a bad init folder fails before anything is created
-    runs_dir = Path(runs_dir)
-    blocking = file_in_the_way(runs_dir)
-    if blocking is not None:
-        raise Merge3Error(f"--runs-dir '{runs_dir}': '{blocking}' is a file, not a folder")
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    path = runs_dir / name
-    try:
-        path.mkdir()
-    except FileExistsError:
-        raise Merge3Error(f"run '{path}' already exists: resume it with `merge3 federate --resume {path}` "
-                          "or choose another --name") from None
+    path, _ = new_run_folder(runs_dir, name, "merge3 federate --resume")
     run = FederatedRun(path)
     lock = RunLock(path).acquire()
     try:

@@ -38,6 +38,26 @@ EVALUATIONS = "evaluations.jsonl"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def new_run_folder(runs_dir: str | os.PathLike, name: str, resume: str) -> tuple[Path, bool]:
+    """Make ``runs_dir/name`` as a new, empty run folder (a name is never reused) and return it, with whether
+    ``runs_dir`` itself was made too. ``resume``: the command that continues an existing run of that name."""
+    if not _SAFE_NAME.match(name):
+        raise Merge3Error(f"run name '{name}' may only use letters, digits, '.', '_' and '-'")
+    runs_dir = Path(runs_dir)
+    blocking = file_in_the_way(runs_dir)
+    if blocking is not None:
+        raise Merge3Error(f"--runs-dir '{runs_dir}': '{blocking}' is a file, not a folder")
+    made_runs_dir = not runs_dir.exists()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / name
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise Merge3Error(f"run '{path}' already exists: resume it with `{resume} {path}` "
+                          "or choose another --name") from None
+    return path, made_runs_dir
+
+
 def dumps(obj) -> str:
     return json.dumps(plain(obj), allow_nan=True)
 
@@ -54,20 +74,7 @@ class Run:
     # ---- creation and opening -------------------------------------------------------------------------------
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, name: str, config: dict) -> Run:
-        if not _SAFE_NAME.match(name):
-            raise Merge3Error(f"run name '{name}' may only use letters, digits, '.', '_' and '-'")
-        runs_dir = Path(runs_dir)
-        blocking = file_in_the_way(runs_dir)
-        if blocking is not None:
-            raise Merge3Error(f"--runs-dir '{runs_dir}': '{blocking}' is a file, not a folder")
-        made_runs_dir = not runs_dir.exists()
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        path = runs_dir / name
-        try:
-            path.mkdir()
-        except FileExistsError:
-            raise Merge3Error(f"run '{path}' already exists: resume it with `merge3 resume {path}` "
-                              "or choose another --name") from None
+        path, made_runs_dir = new_run_folder(runs_dir, name, "merge3 resume")
         run = cls(path)
         run._made_runs_dir = made_runs_dir
         run.lock()
