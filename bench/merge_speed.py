@@ -4,7 +4,8 @@ For each method, one candidate is one merged model with fresh coefficients. We t
 - ``builder``: ``CandidateBuilder.build`` into preallocated tensors (what the search does per candidate), after a
   one-off ``precompute`` (timed separately);
 - ``pure``: the plain function (``merge_groups``), which recomputes everything each time;
-and compare with two baselines on the same bytes:
+and, with ``--mergekit``, ``mergekit``: mergekit's in-memory merge of the same kind of candidate; and compare with two
+baselines on the same bytes:
 - ``copy``: a plain tensor copy of the model (``dst.copy_(src)``): this machine's memory bandwidth, a floor;
 - ``disk``: saving the merged state dict as safetensors and loading it back, which is what tools that merge to disk
   and reload per candidate (mergenetic, mergekit-evolve) pay on top of the merge itself.
@@ -13,6 +14,7 @@ Usage::
 
     .venv/bin/python bench/merge_speed.py                     # ~100M-parameter synthetic model, 3 fine-tunes
     .venv/bin/python bench/merge_speed.py --params 20e6 --repeats 2
+    .venv/bin/python bench/merge_speed.py --mergekit --tsv-params 0      # + mergekit's merge of each candidate
     .venv/bin/python bench/merge_speed.py --zoo BASE_DIR MODEL_DIR...   # a real model family (e.g. the digits zoo)
 
 TSV is timed on a smaller synthetic model (``--tsv-params``, 1024×1024 matrices by default), because its one-off
@@ -158,8 +160,41 @@ def method_plans(work: Workload, rng: torch.Generator) -> dict[str, Callable[[],
     }
 
 
+MERGEKIT_NAMES = {"task_arithmetic": "task_arithmetic", "ties": "ties", "linear": "linear", "della": "della",
+                  "breadcrumbs": "breadcrumbs"}
+
+
+def mergekit_seconds(work: Workload, plans: list[GroupPlan]) -> float | None:
+    """One merge of the same candidate by mergekit's in-memory API (``merge_state_dicts``): what a merge-to-disk
+    search (mergekit-evolve) computes per candidate before its save and reload. None where mergekit has no such
+    merge (model-wide trim, per-layer mixes) or is not installed."""
+    try:
+        from mergekit.merge_methods import merge_state_dicts
+    except ImportError:
+        return None
+    if len(plans) != 1 or plans[0].params.get("trim", "tensor") != "tensor":
+        return None
+    plan, n = plans[0], len(work.models)
+    p = dict(plan.params)
+    if plan.method == "dare":
+        name = "dare_ties" if p.get("combine") == "ties" else "dare_linear"
+        density = [1.0 - float(p["drop_rate"])] * n
+    elif plan.method in MERGEKIT_NAMES:
+        name = MERGEKIT_NAMES[plan.method]
+        density = p.get("densities") or ([p["density"]] * n if "density" in p else None)
+    else:
+        return None
+    per_model = {"weight": p["weights"], **({"density": density} if density is not None else {})}
+    parameters = {k: {f"m{i}": float(x) for i, x in enumerate(v)} for k, v in per_model.items()}
+    parameters |= {k: p[k] for k in ("epsilon", "gamma") if k in p}
+    inputs = {"base": work.base, **{f"m{i}": m for i, m in enumerate(work.models)}}
+    start = time.perf_counter()
+    merge_state_dicts(inputs, name, base="base", parameters=parameters)
+    return time.perf_counter() - start
+
+
 def bench_workload(work: Workload, repeats: int, pure_repeats: int, folder: Path, methods: Sequence[str] | None = None,
-                   log=print) -> dict:
+                   log=print, with_mergekit: bool = False) -> dict:
     log(f"\n## {work.name}: {work.n_params / 1e6:.1f}M params, {work.n_bytes / 1e9:.2f} GB per model")
     copy_s = copy_baseline(work, repeats)
     disk_s = disk_baseline(work, repeats, folder)
@@ -180,14 +215,18 @@ def bench_workload(work: Workload, repeats: int, pure_repeats: int, folder: Path
         pre = time.perf_counter() - t0
         build_s = _timed(lambda: builder.build(make(), out), repeats)
         pure_s = _timed(lambda: mm.merge_groups(work.base, work.models, make()), pure_repeats)
+        mergekit_s = mergekit_seconds(work, make()) if with_mergekit else None
         rows[label] = {
             "build_s": build_s, "pure_s": pure_s, "precompute_s": pre,
             "build_gbps": work.n_bytes / build_s / 1e9,
             "build_vs_copy": build_s / copy_s, "disk_vs_build": disk_s / build_s, "pure_vs_build": pure_s / build_s,
+            "pure_and_disk_vs_build": (pure_s + disk_s) / build_s,
+            "mergekit_s": mergekit_s,
+            "mergekit_and_disk_vs_build": (mergekit_s + disk_s) / build_s if mergekit_s is not None else None,
             "cache_gb": sum(builder.cache_bytes().values()) / 1e9,
         }
         log(f"{label:32s} build {build_s * 1e3:8.0f} ms  pure {pure_s * 1e3:8.0f} ms  precompute {pre:6.1f} s  "
-            f"cache {rows[label]['cache_gb']:.1f} GB")
+            f"cache {rows[label]['cache_gb']:.1f} GB" + (f"  mergekit {mergekit_s:.1f} s" if mergekit_s else ""))
         for kind in ("uniforms", "sorted", "sorted_global", "della_ranks"):  # keep memory bounded between methods
             builder.forget(kind)
     return {"name": work.name, "params": work.n_params, "bytes": work.n_bytes, "n_models": len(work.models),
@@ -224,11 +263,16 @@ def markdown(results: dict) -> str:
     for w in results["workloads"]:
         lines += [f"\n**{w['name']}** — copy {w['copy_s'] * 1e3:.0f} ms ({w['copy_gbps']:.1f} GB/s), "
                   f"safetensors save+load {w['disk_roundtrip_s'] * 1e3:.0f} ms\n",
-                  "| method | build (ms) | GB/s | × copy | disk round trip ÷ build | pure (ms) | pure ÷ build | one-off precompute (s) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | build (ms) | GB/s | × copy | disk round trip ÷ build | pure (ms) | (pure + disk) ÷ build "
+                  "| mergekit (ms) | (mergekit + disk) ÷ build | one-off precompute (s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, r in w["methods"].items():
+            mergekit, vs_mergekit = r.get("mergekit_s"), r.get("mergekit_and_disk_vs_build")
             lines.append(f"| {label} | {r['build_s'] * 1e3:.0f} | {r['build_gbps']:.2f} | {r['build_vs_copy']:.1f} | "
-                         f"{r['disk_vs_build']:.2f} | {r['pure_s'] * 1e3:.0f} | {r['pure_vs_build']:.1f} | "
+                         f"{r['disk_vs_build']:.2f} | {r['pure_s'] * 1e3:.0f} | "
+                         f"{(r['pure_s'] + w['disk_roundtrip_s']) / r['build_s']:.1f} | "
+                         f"{'—' if mergekit is None else f'{mergekit * 1e3:.0f}'} | "
+                         f"{'—' if mergekit is None else f'{vs_mergekit:.0f}'} | "
                          f"{r['precompute_s']:.1f} |")
     return "\n".join(lines)
 
@@ -242,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CI machine shares 2 cores)")
     parser.add_argument("--zoo", nargs="+", metavar="PATH", help="base model path then fine-tuned model paths")
     parser.add_argument("--methods", nargs="+", help="only these rows (e.g. task_arithmetic 'ties (tensor trim)')")
+    parser.add_argument("--mergekit", action="store_true",
+                        help="also time mergekit's in-memory merge of each candidate (minutes at 100M parameters)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -249,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="merge3-bench-") as tmp:
         if args.zoo:
             workloads.append(bench_workload(zoo_workload(args.zoo[0], args.zoo[1:]), args.repeats, args.pure_repeats,
-                                            Path(tmp), args.methods))
+                                            Path(tmp), args.methods, with_mergekit=args.mergekit))
         if args.params > 0:
             workloads.append(bench_workload(synthetic_workload(args.params), args.repeats, args.pure_repeats, Path(tmp),
-                                            args.methods))
+                                            args.methods, with_mergekit=args.mergekit))
         if args.tsv_params > 0:
             workloads.append(bench_tsv(args.tsv_params, args.repeats, Path(tmp)))
     results = {

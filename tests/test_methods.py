@@ -375,10 +375,26 @@ def test_tsv_skips_text_projection_and_averages_non_matrices():
 
 def test_tsv_compress_truncates_each_task_matrix():
     base, models = _orthogonal_tasks(rank=3, tasks=2)  # r = 8, T = 2 → rank 4 ≥ 3: lossless
-    for out, m in zip(mm.tsv_compress(base, models), models):
+    for out, m in zip(mm.tsv_compress_models(base, models), models):
         assert torch.allclose(out["w"], m["w"], atol=1e-5)
-    low = mm.tsv_compress(base, models, rank_fraction=0.125)[0]["w"]  # rank 1
+    low = mm.tsv_compress_models(base, models, rank_fraction=0.125)[0]["w"]  # rank 1
     assert torch.linalg.matrix_rank(low) == 1
+    with pytest.raises(Merge3Error, match="rank_fraction"):
+        mm.tsv_compress_models(base, models, rank_fraction=1.5)
+
+
+def test_tsv_compress_method_is_task_arithmetic_on_the_compressed_task_vectors(gpt2_models):
+    base, models = gpt2_models
+    compressed = mm.tsv_compress_models(base, models, rank_fraction=0.25)
+    for t in range(3):  # one-hot weights: that task's compressed model
+        one_hot = [1.0 if i == t else 0.0 for i in range(3)]
+        _close(mm.tsv_compress(base, models, rank_fraction=0.25, weights=one_hot), compressed[t], atol=1e-5)
+    merged = mm.tsv_compress(base, models, rank_fraction=0.25, weights=[0.5, 1.0, 0.2], scale=0.8)
+    for key, value in merged.items():
+        if value.is_floating_point():
+            expected = base[key] + 0.8 * sum(w * (c[key] - base[key]) for w, c in zip([0.5, 1.0, 0.2], compressed))
+            assert torch.allclose(value, expected, atol=1e-5), key
+    assert mm.get_method("tsv_compress").params["rank_fraction"].bounds.search == (0.02, 0.5)
     with pytest.raises(Merge3Error, match="rank_fraction"):
         mm.tsv_compress(base, models, rank_fraction=1.5)
 
@@ -498,6 +514,8 @@ def _builder_plans(groups):
          GroupPlan("rest", ["*"], "breadcrumbs", {"density": 0.8, "gamma": 0.05, "densities": [0.9, 0.7, 0.8],
                                                   "combine": "ties", "rescale": True})],
         [GroupPlan("all", ["*"], "ties", {"densities": [0.2, 0.9, 0.5], "trim": "model"})],
+        [GroupPlan(names[1], groups[names[1]], "tsv_compress", {"rank_fraction": [0.1, 0.6], "weights": [1.0, 0.3, 0.8]}),
+         GroupPlan("rest", ["*"], "tsv_compress", {"scale": 0.7})],
         [GroupPlan(names[1], groups[names[1]], "ties", {"density": 0.5, "densities": [0.2, 1.0, 0.0]}),
          GroupPlan("rest", ["*"], "dare", {"drop_rate": 0.5, "drop_rates": [0.1, 0.6, 0.0], "combine": "ties"})],
     ]
@@ -577,6 +595,8 @@ _ROW_BLOCK_METHODS = [
     ("dare", {"drop_rate": 0.5, "seed": 3}),
     ("dare", {"drop_rate": 0.3, "combine": "ties", "density": 0.6}),
     ("tsv_merge", {"alpha": 1.2}),
+    ("tsv_compress", {"rank_fraction": 0.5}),
+    ("dare", {"drop_rate": 0.3, "combine": "ties"}),
     ("linear", {}),
     ("della", {"density": 0.5, "epsilon": 0.1, "seed": 2}),
     ("breadcrumbs", {"density": 0.8, "gamma": 0.05, "combine": "ties"}),
@@ -622,3 +642,51 @@ def test_tsv_is_unique_when_task_blocks_are_dependent():
               for dtype in (torch.float64, torch.float32)]
     assert torch.allclose(merged[0], merged[1], atol=1e-4)
     assert merged[0][:12].abs().max() < 1e-6  # nothing leaks into the rows no task touched
+
+
+def _reference_ties(inputs, key, weights, thresholds=None, draws=None, drops=(), rescales=(), normalize=True):
+    """TIES / DARE-ties one pass per step, over whole tensors: what the fused sweep must equal bit for bit."""
+    from merge3.methods._sparsify import elect_and_merge, trim_into
+    deltas = inputs.deltas(key).clone()
+    if draws is not None:
+        deltas = torch.ge(draws, torch.tensor(drops).reshape(-1, *[1] * (deltas.dim() - 1))).float().mul_(deltas)
+        for t, r in enumerate(rescales):
+            deltas[t].mul_(r)
+    work = trim_into(torch.empty_like(deltas), deltas, thresholds, weights)
+    out = torch.empty(deltas.shape[1:])
+    elect_and_merge(inputs, work, weights, normalize, None, out)
+    return out.mul_(0.7).add_(inputs.anchor32(key))
+
+
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+@pytest.mark.parametrize("case", ["plain", "trim", "drop", "row blocks", "sum", "floats"])
+def test_fused_ties_sweep_is_bit_identical_to_the_step_by_step_merge(monkeypatch, majority, case):
+    """Chunks of 7 entries (so every tensor spans many), small integers (so sums cancel exactly and tie-break by the
+    tensor's majority sign, which the sweep only knows at its end)."""
+    from merge3.methods import _sparsify
+    from merge3.methods._inputs import MergeInputs
+    from merge3.methods._params import row_weights
+    monkeypatch.setattr(_sparsify, "CHUNK_ELEMENTS", 7)
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.zeros(9, 5), "b": torch.zeros(13), "s": torch.zeros(())}
+    models = [{k: torch.randint(-2, 3, v.shape, generator=g).float() for k, v in base.items()} for _ in range(3)]
+    if case == "floats":  # rounding: the same operations in the same order
+        models = [{k: torch.randn(v.shape, generator=g) / 3 for k, v in base.items()} for _ in range(3)]
+    models[0]["w"] += majority * 3  # the majority of elected signs
+    models[0]["b"] += majority * 3
+    for key in base:
+        inputs = MergeInputs(base, models)
+        shape = tuple(base[key].shape)
+        weights = [0.3, 0.7, 1.1] if case == "floats" else [1.0, 1.0, 2.0] if case != "row blocks" or not shape else [
+            row_weights({"row_blocks": [1.0, 2.0, 0.5]}, shape, "cpu"), 1.0, 0.5]
+        kwargs = {}
+        if case == "trim":
+            kwargs["thresholds"] = torch.tensor([2.0, 0.0, 1.0])
+        if case in ("drop", "floats"):
+            kwargs.update(draws=torch.rand((3, *shape), generator=g), drop_rates=[0.3, 0.5, 0.0], rescales=[1 / 0.7, 2.0, 1.0])
+        normalize = case != "sum"
+        expected = _reference_ties(inputs, key, weights, kwargs.get("thresholds"), kwargs.get("draws"),
+                                   kwargs.get("drop_rates", ()), kwargs.get("rescales", ()), normalize)
+        out = torch.full(shape, float("nan"))
+        _sparsify.ties_merge_into(inputs, key, out, weights, normalize=normalize, scale=0.7, **kwargs)
+        assert torch.equal(out, expected), (key, case)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge3 import Merge3Error
-from merge3.methods import merge_from_config, tsv_compress
+from merge3.methods import merge_from_config, tsv_compress_models
 from merge3.models import MLP, compress_models, load_state_dict, open_lazy, save_model, save_state_dict
 
 
@@ -39,7 +39,7 @@ def test_a_full_rank_pack_rebuilds_its_model_and_r_over_t_is_tsv_c(models):
     for name, path in paths.items():
         assert close(load_state_dict(root / "full" / name), load_state_dict(path))
     manifest = compress_models(root / "base", paths, root / "tsvc")
-    expected = tsv_compress(load_state_dict(root / "base"), [load_state_dict(p) for p in paths.values()])
+    expected = tsv_compress_models(load_state_dict(root / "base"), [load_state_dict(p) for p in paths.values()])
     for name, dense in zip(paths, expected):
         assert close(load_state_dict(root / "tsvc" / name), dense)
     info = manifest["tasks"]["t0"]

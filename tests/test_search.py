@@ -374,3 +374,11 @@ def test_per_model_drop_rates_export_as_mergekit_keep_rates():
     assert why_not == "" and config["merge_method"] == "dare_linear"
     assert [m["parameters"]["density"] for m in config["models"]] == pytest.approx([0.8, 0.3])
     assert [m["parameters"]["weight"] for m in config["models"]] == [0.5, 1.0]
+
+
+def test_tsv_compress_genome_evolves_the_rank_fraction_per_group():
+    genome = Genome(["g0", "g1"], ["tsv_merge", "tsv_compress"], n_models=2, weight_range=(0.0, 2.0))
+    assert "g1|tsv_compress.rank_fraction" in genome.variables
+    plan = genome.decode({**genome.midpoint(), "g1|method": "tsv_compress", "g1|tsv_compress.rank_fraction": 0.1})
+    assert plan[1].method == "tsv_compress" and plan[1].params["rank_fraction"] == 0.1
+    assert "rank_fraction" not in plan[0].params

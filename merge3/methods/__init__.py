@@ -37,7 +37,8 @@ from merge3.methods._inputs import MergeInputs
 from merge3.methods._groups import GroupPlan, layer_groups, merge_groups, plans_from_choices
 from merge3.methods._mergekit import MergekitForm, mergekit_config, mergekit_methods
 from merge3.methods._inspect import Inspection, inspect_models, write_heatmap, write_inspection
-from merge3.methods._tsv import TSVFactors, singular_task_interference, tsv_compress, tsv_factors, tsv_merge
+from merge3.methods._tsv import (TSVFactors, singular_task_interference, tsv_compress, tsv_compress_models,
+                                 tsv_factors, tsv_merge)
 from merge3.methods._ties_dare import dare, ties
 from merge3.methods._breadcrumbs import breadcrumbs
 from merge3.methods._della import della
@@ -70,6 +71,7 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "tsv_compress",
+    "tsv_compress_models",
     "tsv_merge",
     "LayerValue",
     "MergeMethod",

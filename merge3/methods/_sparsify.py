@@ -148,6 +148,110 @@ def elect_and_merge(inputs: MergeInputs, work: torch.Tensor, weights: Sequence[f
     return out
 
 
+CHUNK_ELEMENTS = 1 << 16
+"""Entries per task in one chunk of the fused TIES sweep on CPU: T such chunks and their work buffers stay in L2,
+so the sweep's dozen steps cost one pass over memory instead of a dozen (on CUDA the whole tensor is one chunk)."""
+
+
+def _chunk_rows(shape: Sequence[int], device: torch.device) -> int:
+    rows = shape[0]
+    if device.type != "cpu":
+        return rows
+    per_row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return max(1, CHUNK_ELEMENTS // max(per_row, 1))
+
+
+def _row_slice(value, a: int, b: int):
+    """A weight for rows a:b of a tensor: a scalar as is, a row-block weight (one value per row) sliced."""
+    return value[a:b] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+
+
+def ties_merge_into(inputs: MergeInputs, key: str, out: torch.Tensor, weights: Sequence[float | torch.Tensor], *,
+                    thresholds: torch.Tensor | None = None, draws: torch.Tensor | None = None,
+                    drop_rates: Sequence[float] = (), rescales: Sequence[float] = (), normalize: bool = True,
+                    tie_sign: float | None = None, scale: float = 1.0) -> torch.Tensor:
+    """``out = anchor + scale · disjoint_mean(elect(w_t · sparsify_t(τ_t)))``, the whole TIES merge of one tensor in
+    one sweep over row chunks that fit in cache (TIES and DARE-ties; the same arithmetic, step for step, as
+    ``trim_into`` then ``elect_and_merge``, so the results are bit-identical).
+
+    ``sparsify_t`` keeps ``|τ_t| ≥ thresholds[t]`` (TIES' trim; None keeps all) or, with ``draws``, the entries whose
+    uniform draw is ``≥ drop_rates[t]``, rescaled by ``rescales[t]`` (DARE). ``tie_sign`` None is the tensor's own:
+    the sign most entries elect, known only after the sweep, so chunks holding an exact cancellation (a zero sum of
+    non-zero values) are swept with +1 and swept again if the tensor's sign turns out −1.
+    """
+    deltas, anchor = inputs.deltas(key), inputs.anchor32(key)
+    if deltas.dim() == 1:  # a 0-d tensor: one row
+        deltas, anchor, out_rows = deltas.reshape(-1, 1), anchor.reshape(1), out.reshape(1)
+        draws = draws.reshape(-1, 1) if draws is not None else None
+    else:
+        out_rows = out
+    n_models, rows, device = deltas.shape[0], deltas.shape[1], deltas.device
+    step = _chunk_rows(deltas.shape[1:], device)
+    shape = (min(step, rows), *deltas.shape[2:])
+    values = inputs.scratch("ties.work", (n_models, *shape), device=device)
+    signs = inputs.scratch("ties.keep", (n_models, *shape), device=device)
+    elected, total = inputs.scratch("ties.sign", shape, device=device), inputs.scratch("ties.tmp", shape, device=device)
+    raw_signs = inputs.scratch("ties.raw", shape, device=device)
+    column = (-1, *([1] * len(shape)))  # one value per task, broadcast over a chunk
+
+    def per_task(numbers):
+        return torch.tensor([float(x) for x in numbers], device=device).reshape(column)
+
+    drops, rescale = per_task(drop_rates), per_task(rescales)
+    scalar_weights = per_task(weights) if not any(isinstance(w, torch.Tensor) for w in weights) else None
+    below = None
+    if thresholds is not None:  # the largest float below each threshold: hardshrink there keeps |x| ≥ threshold
+        below = [float(torch.nextafter(thr.float(), torch.tensor(-float("inf"), device=thr.device))) if float(thr) > 0
+                 else None for thr in thresholds]
+
+    def sweep(a: int, b: int, tie: float) -> tuple[torch.Tensor, torch.Tensor]:
+        n = b - a
+        v, m, s, e, raw, o = values[:, :n], signs[:, :n], elected[:n], total[:n], raw_signs[:n], out_rows[a:b]
+        if draws is not None:
+            torch.ge(draws[:, a:b], drops, out=m)
+            torch.mul(m, deltas[:, a:b], out=v).mul_(rescale)
+            source = v
+        else:
+            source = deltas[:, a:b]
+        if below is None and scalar_weights is not None:
+            torch.mul(source, scalar_weights, out=v)
+        for t, w in enumerate(weights if below is not None or scalar_weights is None else ()):
+            w = _row_slice(w, a, b)
+            if below is not None and below[t] is not None:
+                torch.ops.aten.hardshrink.out(source[t], below[t], out=v[t])
+                v[t].mul_(w)
+            else:
+                torch.mul(source[t], w, out=v[t])
+        torch.sum(v, dim=0, out=o)
+        torch.sign(o, out=raw)
+        sign_sum = raw.sum() if tie_sign is None else None
+        torch.sign(torch.add(raw, 0.5 * tie, out=s), out=s)  # sign(e) where e ≠ 0, the tie sign where e = 0
+        v.mul_(s).clamp_(min=0.0)  # |value| where it agrees with the elected sign, else 0
+        if normalize:
+            torch.sign(v, out=m)
+            e.zero_()
+            for t, w in enumerate(weights):
+                w = _row_slice(w, a, b)
+                e.addcmul_(m[t], w) if isinstance(w, torch.Tensor) else e.add_(m[t], alpha=w)
+        torch.sum(v, dim=0, out=o)
+        cancelled = None
+        if tie_sign is None:  # an exact cancellation: an agreeing sum > 0 where the sum of all values is 0
+            cancelled = torch.dot(o.reshape(-1), raw.abs_().sub_(1.0).reshape(-1)) < 0
+        o.mul_(s)
+        if normalize:
+            o.div_(e.add_(torch.eq(e, 0.0, out=s)))  # mergekit's guard: a zero divisor divides by 1
+        o.mul_(scale).add_(anchor[a:b])
+        return sign_sum, cancelled
+
+    chunks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    swept = [sweep(a, b, 1.0 if tie_sign is None else tie_sign) for a, b in chunks]
+    if tie_sign is None and float(sum(sign_sum for sign_sum, _ in swept)) <= 0:
+        for (a, b), (_, cancelled) in zip(chunks, swept):
+            if bool(cancelled):
+                sweep(a, b, -1.0)
+    return out
+
+
 def combine_sparse(inputs: MergeInputs, key: str, work: torch.Tensor, weights: Sequence[float], combine: str,
                    normalize: bool, scale: float, out: torch.Tensor) -> torch.Tensor:
     """``out = anchor + scale · merge(w_t · work[t])`` for sparsified task vectors ``work`` (overwritten):
@@ -194,5 +298,5 @@ def l1_rescale_(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7)
     return masked
 
 
-__all__ = ["combine_sparse", "dare_seed", "elect_and_merge", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
-           "magnitude_thresholds", "sorted_magnitudes", "trim_into", "trim_thresholds", "uniforms"]
+__all__ = ["CHUNK_ELEMENTS", "combine_sparse", "dare_seed", "elect_and_merge", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
+           "magnitude_thresholds", "sorted_magnitudes", "ties_merge_into", "trim_into", "trim_thresholds", "uniforms"]

@@ -18,8 +18,8 @@ from merge3.methods._inputs import MergeInputs
 from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
 from merge3.methods._registry import Bounds, Kernel, PerModel, StateDict, merge_method
-from merge3.methods._sparsify import (elect_and_merge, global_thresholds, magnitude_thresholds, sorted_magnitudes,
-                                      trim_into, trim_thresholds, uniforms)
+from merge3.methods._sparsify import (elect_and_merge, global_thresholds, keep_count, magnitude_thresholds,
+                                      sorted_magnitudes, ties_merge_into, trim_into, trim_thresholds, uniforms)
 
 Density = Annotated[LayerValue, Bounds(0.0, 1.0, search=(0.05, 1.0))]
 DropRate = Annotated[LayerValue, Bounds(0.0, 0.99, search=(0.0, 0.9))]
@@ -54,9 +54,8 @@ def _ties_key(inputs: MergeInputs, key: str, p: dict, context: tuple | None, out
         thresholds, tie_sign = context
     else:
         thresholds, tie_sign = trim_thresholds(inputs, key, p["densities"]), None
-    work = _trimmed(inputs, key, thresholds, p["weights"])
-    elect_and_merge(inputs, work, p["weights"], p["normalize"], tie_sign, out)
-    out.mul_(p["scale"]).add_(inputs.anchor32(key))
+    ties_merge_into(inputs, key, out, p["weights"], thresholds=thresholds, normalize=p["normalize"], tie_sign=tie_sign,
+                    scale=p["scale"])
 
 
 def _sort_magnitudes(inputs: MergeInputs, key: str, seeds: Sequence[int]) -> None:
@@ -98,6 +97,12 @@ def ties(
 def _dare_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
     deltas, drops, w = inputs.deltas(key), p["drop_rates"], p["weights"]
     rescale = [1.0 / (1.0 - d) if p["rescale"] else 1.0 for d in drops]
+    normalize = True if p["normalize"] is None else p["normalize"]
+    if p["combine"] == "ties" and keep_count(p["density"], deltas[0].numel()) is None:  # no trim after the drop
+        draws = uniforms(inputs, key, p["seed"]) if any(d > 0 for d in drops) else None
+        ties_merge_into(inputs, key, out, w, draws=draws, drop_rates=drops, rescales=rescale, normalize=normalize,
+                        scale=p["scale"])
+        return
     keep = None
     if any(d > 0 for d in drops):
         # keep = [u ≥ p_t] as floats (a float mask multiplies ten times faster than a bool one on CPU)
@@ -124,7 +129,7 @@ def _dare_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.
             deltas[t].mul_(r)
     work = inputs.scratch("ties.work", deltas.shape, device=deltas.device)
     trim_into(work, deltas, magnitude_thresholds(deltas, p["density"]), w)
-    elect_and_merge(inputs, work, w, True if p["normalize"] is None else p["normalize"], None, out)
+    elect_and_merge(inputs, work, w, normalize, None, out)
     out.mul_(p["scale"]).add_(inputs.anchor32(key))
 
 

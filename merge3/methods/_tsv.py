@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 
-from merge3.methods._arithmetic import Weights, add_weighted
+from merge3._errors import Merge3Error
+from merge3.methods._arithmetic import Scale, Weights, add_weighted
 from merge3.methods._inputs import MergeInputs
 from merge3.methods._kernels import check_inputs
 from merge3.methods._params import LayerValue
@@ -162,21 +163,21 @@ def compressed_rank(shape: Sequence[int], n_tasks: int, rank_fraction: float | N
     return int(r * (1 / n_tasks)) if rank_fraction is None else max(1, int(r * rank_fraction))
 
 
-def tsv_compress(base: StateDict, models: Sequence[StateDict], rank_fraction: float | None = None) -> list[StateDict]:
-    """TSV-C: every model with each 2-D task matrix replaced by its low-rank truncation (one output per model).
+def tsv_compress_models(base: StateDict, models: Sequence[StateDict],
+                        rank_fraction: float | None = None) -> list[StateDict]:
+    """TSV-C for every task at once: each model with each 2-D task matrix replaced by its low-rank truncation (one
+    output per model; ``tsv_compress`` is the same compression as a one-output merge method).
 
     The rank is ``int(r/T)`` for T models (the official choice, ~T× less storage for the task matrices) or
     ``rank_fraction`` of r. Other tensors (biases, norms, ``text_projection``) keep their full task vectors, and
-    integer buffers the base value. This compresses, it does not merge, so it is not a registered merge method.
+    integer buffers the base value.
 
     >>> import torch
     >>> base = {"w": torch.zeros(4, 4)}
     >>> ft = {"w": torch.diag(torch.tensor([4., 3., 2., 1.]))}
-    >>> tsv_compress(base, [ft, ft])[0]["w"].diagonal().tolist()
+    >>> tsv_compress_models(base, [ft, ft])[0]["w"].diagonal().tolist()
     [4.0, 3.0, 0.0, 0.0]
     """
-    from merge3._errors import Merge3Error
-
     if rank_fraction is not None and not (0.0 < rank_fraction <= 1.0):
         raise Merge3Error(f"tsv_compress: rank_fraction = {rank_fraction} is out of range (0, 1]")
     check_inputs(base, models, "tsv_merge")
@@ -195,6 +196,60 @@ def tsv_compress(base: StateDict, models: Sequence[StateDict], rank_fraction: fl
             delta = truncate(deltas[t], rank) if tsv else deltas[t]
             out[key] = (inputs.anchor32(key) + delta).to(raw.dtype)
     return outputs
+
+
+RankFraction = Annotated[Optional[LayerValue], Bounds(0.0, 1.0, search=(0.02, 0.5))]
+
+
+def _singular_factors(inputs: MergeInputs, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each task's SVD of ``key``, as ``U·diag(s)`` (T × m × r) and ``Vᵀ`` (T × r × n), cached: a candidate at any
+    rank and weights is then one product of the leading columns."""
+
+    def make():
+        u, s, vh = torch.linalg.svd(inputs.deltas(key), full_matrices=False)
+        return u.mul_(s.unsqueeze(-2)), vh
+
+    return inputs.remember(("tsv_compress", key), make)
+
+
+def _tsv_compress_precompute(inputs: MergeInputs, key: str, seeds: Sequence[int]) -> None:
+    if is_tsv_key(key, inputs.shape(key)):
+        _singular_factors(inputs, key)
+
+
+def _tsv_compress_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.Tensor) -> None:
+    shape, anchor, coefficients = inputs.shape(key), inputs.anchor32(key), [p["scale"] * x for x in p["weights"]]
+    if not is_tsv_key(key, shape):
+        add_weighted(out, anchor, inputs.deltas(key), coefficients)
+        return
+    fraction = p["rank_fraction"]
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise Merge3Error(f"tsv_compress: rank_fraction = {fraction} is out of range (0, 1]")
+    rank = compressed_rank(shape, inputs.n_models, fraction)
+    scaled_u, vh = _singular_factors(inputs, key)
+    # Σ_t c_t U_t,k diag(s_t,k) V_t,kᵀ as one product: [c_1 U_1 S_1 | … | c_T U_T S_T] @ [V_1ᵀ; …; V_Tᵀ]
+    left = torch.cat([scaled_u[t, :, :rank] * c for t, c in enumerate(coefficients)], dim=1)
+    torch.addmm(anchor, left, vh[:, :rank].reshape(-1, vh.shape[-1]), out=out)
+
+
+@merge_method(kernel=Kernel(_tsv_compress_key), precompute=_tsv_compress_precompute, label="TSV-C TA",
+              redundant=["scale"])
+def tsv_compress(base: StateDict, models: Sequence[StateDict], rank_fraction: RankFraction = None,
+                 scale: Scale = 1.0, weights: Weights = None) -> StateDict:
+    """TSV-C as a merge: θ = θ₀ + scale · Σ_t w_t · trunc_k(τ_t), each 2-D task matrix cut to its top k singular
+    triplets (k = ``int(r/T)`` for T models, the official choice, or ``max(1, int(r · rank_fraction))``); other
+    tensors (biases, norms, ``text_projection``) add their full task vectors.
+
+    With one model (or one-hot weights) this is that task's compressed model, what a skill pack stores
+    (``merge3 compress``); with several it is task arithmetic on the compressed task vectors, whose rank a genome
+    can evolve per layer. ``tsv_compress_models`` returns every task's compressed model at once.
+
+    >>> import torch
+    >>> base = {"w": torch.zeros(4, 4)}
+    >>> ft = {"w": torch.diag(torch.tensor([4., 3., 2., 1.]))}
+    >>> tsv_compress(base, [ft], rank_fraction=0.5)["w"].diagonal().tolist()
+    [4.0, 3.0, 0.0, 0.0]
+    """
 
 
 def singular_task_interference(deltas: torch.Tensor) -> float:
@@ -219,4 +274,4 @@ def singular_task_interference(deltas: torch.Tensor) -> float:
 
 
 __all__ = ["TSVFactors", "compressed_rank", "is_tsv_key", "singular_task_interference", "truncate", "tsv_compress",
-           "tsv_factors", "tsv_merge"]
+           "tsv_compress_models", "tsv_factors", "tsv_merge"]
