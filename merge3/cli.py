@@ -161,7 +161,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if missing:
         raise Merge3Error(f"'{missing[0]}' is not a skill pack (no pack.json): make packs with merge3 compress")
     names = _distinct_names(args.names, folders, "pack")
-    out = build_routed(dict(zip(names, folders)), args.out, layer=args.layer)
+    out = build_routed(dict(zip(names, folders)), args.out, layer=args.layer, top_k=args.top_k)
     _console().print(f"routed model over {len(names)} tasks ({', '.join(names)}) in {out}; "
                      f"evaluate it with merge3 eval {out} --bank BANK")
     return 0
@@ -524,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--names", help="comma-separated task names (default: pack folder names)")
     p.add_argument("--layer", help="the linear layer whose input routes (default: the first one the packs change)")
+    p.add_argument("--top-k", type=int, default=1, help="route each input to its K best tasks, adding their task "
+                   "vectors (default 1, MASS's top-1)")
 
     p = sub.add_parser("calibrate", help="fit the IRT estimators of an item bank (cheap fitness for the search)")
     p.add_argument("bank", help="item-bank folder; results go to BANK/calibration")

@@ -55,6 +55,34 @@ def test_merge3_eval_scores_a_routed_folder(digits_zoo, routed, capsys):
     assert "mean" in capsys.readouterr().out
 
 
+def test_top_k_routing_runs_each_input_with_its_k_best_tasks_added(digits_zoo, routed, tmp_path):
+    from merge3.methods import tsv_compress
+
+    tasks = list(digits_zoo.finetuned)
+    bank = ItemBank.load(digits_zoo.bank, warn=False)
+    x = torch.tensor(np.stack(bank.items["input"].to_numpy()[bank.test_indices[::37]]), dtype=torch.float32)
+    build_routed({t: routed / "packs" / t for t in tasks}, tmp_path / "top2", layer="layers.1", top_k=2)
+    top2 = load_model(tmp_path / "top2")
+    with torch.no_grad():
+        out = top2(x)
+    routes = top2.last_routes
+    assert routes.shape == (len(x), 2) and bool((routes[:, 0] < routes[:, 1]).all())
+    top1 = load_model(routed / "routed")
+    assert bool((top1.route(x)[:, None] == routes).any(-1).all())  # the best task is always among the two
+    base, fts = load_state_dict(digits_zoo.base), [load_state_dict(p) for p in digits_zoo.finetuned.values()]
+    module = load_model(digits_zoo.base)
+    for i in range(len(x)):  # θ₀ + τ_a + τ_b with the packs' task vectors (rank r/T): TSV-C's merge of the two
+        weights = [1.0 if t in routes[i].tolist() else 0.0 for t in range(len(tasks))]
+        module.load_state_dict(tsv_compress(base, fts, weights=weights))
+        with torch.no_grad():
+            assert torch.allclose(out[i], module(x[i:i + 1])[0], atol=1e-4), i
+    build_routed({t: routed / "packs" / t for t in tasks}, tmp_path / "all", layer="layers.1", top_k=len(tasks))
+    every = load_model(tmp_path / "all")
+    module.load_state_dict(tsv_compress(base, fts))
+    with torch.no_grad():
+        assert torch.allclose(every(x), module(x), atol=1e-4)
+
+
 def test_bad_routes_are_refused(digits_zoo, routed, tmp_path):
     packs = {t: routed / "packs" / t for t in ("upright", "rot90")}
     with pytest.raises(Merge3Error, match="at least two skill packs"):
@@ -62,6 +90,11 @@ def test_bad_routes_are_refused(digits_zoo, routed, tmp_path):
     with pytest.raises(Merge3Error, match="no factors for 'layers.9.weight'"):
         build_routed(packs, tmp_path / "r", layer="layers.9")
     assert main(["route", str(digits_zoo.base), "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
+    for bad in (0, 3):
+        with pytest.raises(Merge3Error, match=f"top_k = {bad} must be an integer from 1 to the number of tasks"):
+            build_routed(packs, tmp_path / "r", top_k=bad)
+    assert main(["route", *map(str, packs.values()), "--out", str(tmp_path / "r"), "--top-k", "5"]) == 2
     assert not (tmp_path / "r").exists()
 
 

@@ -4,7 +4,8 @@ subspace best explains the input of one layer, and run the base with only that t
 For the routing layer W (an ``nn.Linear``, by default the first one the packs change), task t's pack stores the
 right singular vectors V_t (k × n) of its delta. An input's representation x at that layer (mean over tokens for
 text) has residual ‖x − V_tᵀV_t x‖² / ‖x‖² on task t's subspace; the smallest residual chooses the task. The model
-then computes θ₀ + U_t S_t V_tᵀ on every layer for that input (one task per input: MASS's top-1).
+then computes θ₀ + U_t S_t V_tᵀ on every layer for that input (one task per input: MASS's top-1), or, with
+``top_k`` > 1, θ₀ plus the task vectors of the k tasks with the smallest residuals.
 
 Costs one extra forward of the base per batch (to read x) plus one forward per distinct task in the batch. It needs
 an input whose representation is known before the output: classifiers and encoders, not generation with causal LMs
@@ -45,10 +46,12 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, tasks: Sequence[str], weights: Sequence[Mapping[str, torch.Tensor]],
-                 subspaces: Sequence[torch.Tensor], route_module: str):
+                 subspaces: Sequence[torch.Tensor], route_module: str, top_k: int = 1):
         super().__init__()
         self.module, self.tasks, self.route_module = module, list(tasks), route_module
+        self.top_k = check_top_k(top_k, len(self.tasks))
         self._weights = [dict(w) for w in weights]
+        self._mixed: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # top-k > 1: θ₀ + Σ chosen τ, per set
         self._subspaces = [v.float() for v in subspaces]  # V_t: k × n, orthonormal rows
         self.last_routes: torch.Tensor | None = None
         modules = dict(module.named_modules())
@@ -91,15 +94,38 @@ class RoutedModel(nn.Module):
             self._capturing = False
         x = self._captured[0]
         self._captured.clear()
-        return self.residuals(x, kwargs.get("attention_mask")).argmin(-1)
+        residuals = self.residuals(x, kwargs.get("attention_mask"))
+        if self.top_k == 1:
+            return residuals.argmin(-1)
+        return residuals.topk(self.top_k, dim=-1, largest=False).indices.sort(dim=-1).values
+
+    def weights_for(self, chosen: Sequence[int]) -> Mapping[str, torch.Tensor]:
+        """The weights an input routed to the tasks ``chosen`` runs with: θ₀ + Σ_{t ∈ chosen} τ_t (each τ_t its
+        pack's low-rank task vector); integer buffers keep the base's value."""
+        chosen = tuple(sorted(int(t) for t in chosen))
+        if len(chosen) == 1:
+            return self._weights[chosen[0]]
+        if chosen not in self._mixed:
+            base = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+            mixed = {}
+            for key, value in self._weights[chosen[0]].items():
+                anchor = base[key].detach()
+                if not value.is_floating_point():
+                    mixed[key] = anchor
+                    continue
+                mixed[key] = anchor + sum(self._weights[t][key].to(anchor.dtype) - anchor for t in chosen)
+            self._mixed[chosen] = mixed
+        return self._mixed[chosen]
 
     def forward(self, *args, **kwargs):
         routes = self.route(*args, **kwargs)
         self.last_routes = routes
+        sets = routes.reshape(len(routes), -1)
         out, plain = None, True
-        for t in routes.unique().tolist():
-            rows = (routes == t).nonzero().flatten()
-            part = torch.func.functional_call(self.module, self._weights[t], _rows(args, rows), _rows(kwargs, rows))
+        for chosen in sets.unique(dim=0):
+            rows = (sets == chosen).all(-1).nonzero().flatten()
+            part = torch.func.functional_call(self.module, self.weights_for(chosen.tolist()), _rows(args, rows),
+                                              _rows(kwargs, rows))
             plain = isinstance(part, torch.Tensor)
             hidden = _first_tensor(part)
             if out is None:
@@ -116,7 +142,15 @@ class RoutedModel(nn.Module):
     def to(self, *args, **kwargs):
         super().to(*args, **kwargs)
         self._weights = [{k: v.to(*args, **kwargs) for k, v in w.items()} for w in self._weights]
+        self._mixed.clear()
         return self
+
+
+def check_top_k(top_k: object, n_tasks: int) -> int:
+    """How many tasks an input is routed to: 1 (MASS's top-1) up to every task."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_tasks:
+        raise Merge3Error(f"route: top_k = {top_k!r} must be an integer from 1 to the number of tasks ({n_tasks})")
+    return top_k
 
 
 def _rows(value, rows: torch.Tensor):
@@ -145,14 +179,16 @@ def _first_routed_linear(module: nn.Module, keys) -> str:
 
 
 def build_routed(packs: Mapping[str, str | os.PathLike], out: str | os.PathLike, *, layer: str | None = None,
-                 hf_class: str = "AutoModel") -> Path:
-    """Write a routed model over ``packs`` (task → skill-pack folder, all of one base) into ``out`` (atomically)."""
+                 hf_class: str = "AutoModel", top_k: int = 1) -> Path:
+    """Write a routed model over ``packs`` (task → skill-pack folder, all of one base) into ``out`` (atomically);
+    each input runs with θ₀ plus the task vectors of the ``top_k`` tasks whose subspaces explain it best."""
     from merge3.models._arch import load_model
     from merge3.models._io import atomic_dir, copy_model_files, open_lazy
     from merge3.models._packs import FACTORS, _read_manifest, pack_base
 
     if len(packs) < 2:
         raise Merge3Error("route: give at least two skill packs (one per task)")
+    check_top_k(top_k, len(packs))
     manifests = {t: _read_manifest(Path(p)) for t, p in packs.items()}
     bases = {m["base"].get("sha256") for m in manifests.values()}
     if len(bases) != 1:
@@ -169,7 +205,7 @@ def build_routed(packs: Mapping[str, str | os.PathLike], out: str | os.PathLike,
         for t, p in packs.items():
             shutil.copytree(p, tmp / "packs" / t)
         copy_model_files(base, tmp)
-        routing = {"format": FORMAT, "tasks": list(packs), "layer": layer, "hf_class": hf_class,
+        routing = {"format": FORMAT, "tasks": list(packs), "layer": layer, "hf_class": hf_class, "top_k": top_k,
                    "base": {"path": str(Path(base).resolve()), "sha256": next(iter(bases))}}
         (tmp / ROUTING_FILE).write_text(json.dumps(routing, indent=2) + "\n")
     return Path(out)
@@ -203,4 +239,8 @@ def load_routed(path: str | os.PathLike, hf_class: str | None = None, device: st
         state = open_lazy(pack)
         weights.append({k: state[k] for k in state if k in names})
         subspaces.append(open_lazy(pack / FACTORS)[f"{routing['layer']}.weight::Vh"])
-    return RoutedModel(module, routing["tasks"], weights, subspaces, routing["layer"]).to(device).eval()
+    try:
+        routed = RoutedModel(module, routing["tasks"], weights, subspaces, routing["layer"], routing.get("top_k", 1))
+    except Merge3Error as e:
+        raise Merge3Error(f"routed model '{path}': {e}") from None
+    return routed.to(device).eval()
