@@ -690,3 +690,20 @@ def test_fused_ties_sweep_is_bit_identical_to_the_step_by_step_merge(monkeypatch
         out = torch.full(shape, float("nan"))
         _sparsify.ties_merge_into(inputs, key, out, weights, normalize=normalize, scale=0.7, **kwargs)
         assert torch.equal(out, expected), (key, case)
+
+
+def test_chunked_tie_vote_counts_the_same_signs_as_the_whole_tensor(monkeypatch):
+    from merge3.methods import _sparsify
+    from merge3.methods._inputs import MergeInputs
+    from merge3.methods._params import row_weights
+    monkeypatch.setattr(_sparsify, "CHUNK_ELEMENTS", 5)
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.zeros(11, 3), "s": torch.zeros(())}
+    models = [{k: torch.randint(-2, 3, v.shape, generator=g).float() for k, v in base.items()} for _ in range(3)]
+    for key, weights in (("w", [row_weights({"row_blocks": [1.0, 0.5]}, (11, 3), "cpu"), 1.0, 2.0]),
+                         ("w", [1.0, 1.0, 1.0]), ("s", [0.5, 1.0, 1.0])):
+        inputs, thresholds = MergeInputs(base, models), torch.tensor([2.0, 0.0, 1.0])
+        deltas = inputs.deltas(key)
+        trimmed = [w * d * (d.abs() >= thr) if thr > 0 else w * d for w, d, thr in zip(weights, deltas, thresholds)]
+        expected = float(torch.sign(sum(trimmed)).sum())
+        assert _sparsify.elected_sign_sum(inputs, key, weights, thresholds) == expected

@@ -346,8 +346,7 @@ class Estimator:
         idx, w = subset.indices, subset.weights
         Ys, Ms = Y[:, idx], M[:, idx]
         out: dict[str, np.ndarray] = {}
-        naive = np.stack([_weighted_mean(Ys[:, subset.tasks == t], Ms[:, subset.tasks == t], w[subset.tasks == t])
-                          for t in names], 1)
+        naive = task_means(Ys, Ms, subset.tasks, names, w)
         if {"irt", "p-irt", "gp-irt"} & set(methods):
             prec = np.linalg.inv(model.theta_cov)
             theta = map_logistic(model.a[idx], model.b[idx], Ys, Ms, model.theta_mean, prec)
@@ -487,20 +486,29 @@ def _endpoint_indices(endpoints: Sequence[int | str] | None, subject_ids: list[s
     return out
 
 
-def _weighted_mean(Y: np.ndarray, M: np.ndarray, w: np.ndarray) -> np.ndarray:
-    ww = M * w
-    return (ww * Y).sum(1) / np.maximum(ww.sum(1), 1e-300)
+def task_means(Y: np.ndarray, M: np.ndarray, tasks: np.ndarray, names: Sequence[str],
+               weights: np.ndarray | None = None) -> np.ndarray:
+    """The naive estimate, the one place it is computed: per row and task, the (weighted) mean of the observed
+    answers, (C, T). ``M`` marks which answers were observed; ``weights`` are item weights (1/n for a random subset,
+    cluster shares for anchor points; None: plain means). A row with no observed answer on a task gets 0.
+
+    >>> task_means(np.array([[1., 0., 1., 1.]]), np.ones((1, 4)), np.array(["a", "a", "b", "b"]), ["a", "b"]).tolist()
+    [[0.5, 1.0]]
+    """
+    cols = []
+    for t in names:
+        chosen = tasks == t
+        ww = M[:, chosen] if weights is None else M[:, chosen] * weights[chosen]
+        cols.append((ww * Y[:, chosen]).sum(1) / np.maximum(ww.sum(1), 1e-300))
+    return np.stack(cols, 1)
 
 
 def _task_accuracy(Y: np.ndarray, M: np.ndarray, tasks: np.ndarray, names: list[str]) -> np.ndarray:
-    """Observed per-task accuracy (C, T)."""
-    cols = []
+    """Observed per-task accuracy (C, T) of subjects that answered every task."""
     for t in names:
-        m = M[:, tasks == t]
-        if not m.any(1).all():
+        if not M[:, tasks == t].any(1).all():
             raise Merge3Error(f"a validation subject has no answers on task {t!r}")
-        cols.append((Y[:, tasks == t] * m).sum(1) / m.sum(1))
-    return np.stack(cols, 1)
+    return task_means(Y, M, tasks, names)
 
 
 def _gp_lambda(err_pirt: np.ndarray, truth: np.ndarray, n: int, N: int, method: str) -> float:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from merge3._errors import Merge3Error
-from merge3.itembank._estimators import ESTIMATORS, Estimator
+from merge3.itembank._estimators import ESTIMATORS, Estimator, task_means
 from merge3.itembank._irt import map_logistic, sigmoid
 
 ONLINE_ESTIMATORS = (*ESTIMATORS, "cv-irt")
@@ -62,14 +62,16 @@ class AnsweredEstimate:
 
 def naive_estimate(tasks_of_items: np.ndarray, correct: np.ndarray, task_sizes: dict[str, int]) -> AnsweredEstimate:
     """Plain per-task means of uniformly drawn answers, with binomial standard errors (finite population)."""
+    names, y = list(task_sizes), np.asarray(correct, dtype=float)[None, :]
+    means = task_means(y, np.ones_like(y), np.asarray(tasks_of_items), names)[0]
     per_task, var = {}, {}
-    for task, N in task_sizes.items():
-        y = correct[tasks_of_items == task].astype(float)
-        if y.size == 0:
+    for task, mean in zip(names, means):
+        answered, N = y[0, tasks_of_items == task], task_sizes[task]
+        n = answered.size
+        if n == 0:
             raise Merge3Error(f"no answers on task '{task}': every task needs at least one answered item")
-        n = y.size
-        p = (y.sum() + 0.5) / (n + 1.0)  # shrunk: an all-right subset still has some uncertainty
-        per_task[task] = float(y.mean())
+        p = (answered.sum() + 0.5) / (n + 1.0)  # shrunk: an all-right subset still has some uncertainty
+        per_task[task] = float(mean)
         var[task] = p * (1 - p) / n * max(N - n, 0) / max(N - 1, 1)
     T = len(task_sizes)
     return AnsweredEstimate(per_task, {t: float(np.sqrt(v)) for t, v in var.items()},

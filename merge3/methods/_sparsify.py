@@ -166,6 +166,54 @@ def _row_slice(value, a: int, b: int):
     return value[a:b] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
 
+def _per_task(numbers: Sequence[float], device: torch.device, chunk_dims: int) -> torch.Tensor:
+    """One value per task as a column that broadcasts over a chunk (T × 1 × …)."""
+    return torch.tensor([float(x) for x in numbers], device=device).reshape(-1, *([1] * chunk_dims))
+
+
+def _just_below(thresholds: torch.Tensor | None) -> list[float | None] | None:
+    """The largest float below each threshold (None: keep the whole task): a hardshrink there keeps |x| ≥ threshold."""
+    if thresholds is None:
+        return None
+    lowest = torch.tensor(-float("inf"), device=thresholds.device)
+    return [float(torch.nextafter(thr.float(), lowest)) if float(thr) > 0 else None for thr in thresholds]
+
+
+def _weigh_and_trim(v: torch.Tensor, source: torch.Tensor, weights, below, scalar_weights, a: int, b: int) -> torch.Tensor:
+    """``v[t] = w_t · trim_t(source[t])`` for rows a:b of a tensor (``trim_into``'s arithmetic on one chunk)."""
+    if below is None and scalar_weights is not None:
+        return torch.mul(source, scalar_weights, out=v)
+    for t, w in enumerate(weights):
+        w = _row_slice(w, a, b)
+        if below is not None and below[t] is not None:
+            torch.ops.aten.hardshrink.out(source[t], below[t], out=v[t])
+            v[t].mul_(w)
+        else:
+            torch.mul(source[t], w, out=v[t])
+    return v
+
+
+def elected_sign_sum(inputs: MergeInputs, key: str, weights: Sequence[float | torch.Tensor],
+                     thresholds: torch.Tensor | None) -> float:
+    """Σ over ``key``'s entries of sign(Σ_t w_t · trim_t(τ_t)): TIES' vote for the model-wide tie sign (official
+    code), in one chunked sweep like ``ties_merge_into``."""
+    deltas = inputs.deltas(key)
+    deltas = deltas.reshape(-1, 1) if deltas.dim() == 1 else deltas
+    rows, device = deltas.shape[1], deltas.device
+    step = _chunk_rows(deltas.shape[1:], device)
+    shape = (min(step, rows), *deltas.shape[2:])
+    values = inputs.scratch("ties.work", (deltas.shape[0], *shape), device=device)
+    total = inputs.scratch("ties.tmp", shape, device=device)
+    scalar_weights = None if any(isinstance(w, torch.Tensor) for w in weights) else _per_task(weights, device, len(shape))
+    below, votes = _just_below(thresholds), 0.0
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        v = _weigh_and_trim(values[:, :b - a], deltas[:, a:b], weights, below, scalar_weights, a, b)
+        elected = torch.sum(v, dim=0, out=total[:b - a])
+        votes += float(torch.sign(elected, out=elected).sum())
+    return votes
+
+
 def ties_merge_into(inputs: MergeInputs, key: str, out: torch.Tensor, weights: Sequence[float | torch.Tensor], *,
                     thresholds: torch.Tensor | None = None, draws: torch.Tensor | None = None,
                     drop_rates: Sequence[float] = (), rescales: Sequence[float] = (), normalize: bool = True,
@@ -192,17 +240,9 @@ def ties_merge_into(inputs: MergeInputs, key: str, out: torch.Tensor, weights: S
     signs = inputs.scratch("ties.keep", (n_models, *shape), device=device)
     elected, total = inputs.scratch("ties.sign", shape, device=device), inputs.scratch("ties.tmp", shape, device=device)
     raw_signs = inputs.scratch("ties.raw", shape, device=device)
-    column = (-1, *([1] * len(shape)))  # one value per task, broadcast over a chunk
-
-    def per_task(numbers):
-        return torch.tensor([float(x) for x in numbers], device=device).reshape(column)
-
-    drops, rescale = per_task(drop_rates), per_task(rescales)
-    scalar_weights = per_task(weights) if not any(isinstance(w, torch.Tensor) for w in weights) else None
-    below = None
-    if thresholds is not None:  # the largest float below each threshold: hardshrink there keeps |x| ≥ threshold
-        below = [float(torch.nextafter(thr.float(), torch.tensor(-float("inf"), device=thr.device))) if float(thr) > 0
-                 else None for thr in thresholds]
+    drops, rescale = _per_task(drop_rates, device, len(shape)), _per_task(rescales, device, len(shape))
+    scalar_weights = None if any(isinstance(w, torch.Tensor) for w in weights) else _per_task(weights, device, len(shape))
+    below = _just_below(thresholds)
 
     def sweep(a: int, b: int, tie: float) -> tuple[torch.Tensor, torch.Tensor]:
         n = b - a
@@ -213,15 +253,7 @@ def ties_merge_into(inputs: MergeInputs, key: str, out: torch.Tensor, weights: S
             source = v
         else:
             source = deltas[:, a:b]
-        if below is None and scalar_weights is not None:
-            torch.mul(source, scalar_weights, out=v)
-        for t, w in enumerate(weights if below is not None or scalar_weights is None else ()):
-            w = _row_slice(w, a, b)
-            if below is not None and below[t] is not None:
-                torch.ops.aten.hardshrink.out(source[t], below[t], out=v[t])
-                v[t].mul_(w)
-            else:
-                torch.mul(source[t], w, out=v[t])
+        _weigh_and_trim(v, source, weights, below, scalar_weights, a, b)
         torch.sum(v, dim=0, out=o)
         torch.sign(o, out=raw)
         sign_sum = raw.sum() if tie_sign is None else None
@@ -298,5 +330,5 @@ def l1_rescale_(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7)
     return masked
 
 
-__all__ = ["CHUNK_ELEMENTS", "combine_sparse", "dare_seed", "elect_and_merge", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
+__all__ = ["CHUNK_ELEMENTS", "combine_sparse", "dare_seed", "elect_and_merge", "elected_sign_sum", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
            "magnitude_thresholds", "sorted_magnitudes", "ties_merge_into", "trim_into", "trim_thresholds", "uniforms"]

@@ -18,19 +18,13 @@ from merge3.methods._inputs import MergeInputs
 from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
 from merge3.methods._registry import Bounds, Kernel, PerModel, StateDict, merge_method
-from merge3.methods._sparsify import (elect_and_merge, global_thresholds, keep_count, magnitude_thresholds,
+from merge3.methods._sparsify import (elect_and_merge, elected_sign_sum, global_thresholds, keep_count, magnitude_thresholds,
                                       sorted_magnitudes, ties_merge_into, trim_into, trim_thresholds, uniforms)
 
 Density = Annotated[LayerValue, Bounds(0.0, 1.0, search=(0.05, 1.0))]
 DropRate = Annotated[LayerValue, Bounds(0.0, 0.99, search=(0.0, 0.9))]
 Densities = Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(0.0, 1.0, search=(0.05, 1.0)), overrides="density")]
 DropRates = Annotated[Optional[Sequence[LayerValue]], PerModel(Bounds(0.0, 0.99, search=(0.0, 0.9)), overrides="drop_rate")]
-
-
-def _trimmed(inputs: MergeInputs, key: str, thresholds: torch.Tensor | None, weights: Sequence[float]) -> torch.Tensor:
-    deltas = inputs.deltas(key)
-    work = inputs.scratch("ties.work", deltas.shape, device=deltas.device)
-    return trim_into(work, deltas, thresholds, weights)
 
 
 def _ties_prepare(inputs: MergeInputs, keys: Sequence[str], params_of: Callable[[str], dict], positions) -> tuple | None:
@@ -42,10 +36,7 @@ def _ties_prepare(inputs: MergeInputs, keys: Sequence[str], params_of: Callable[
         values = sorted({d for each in densities for d in each})
         raise Merge3Error(f"ties: trim='model' needs one density for all tensors, got per-layer values {values}")
     thresholds = global_thresholds(inputs, keys, densities.pop())
-    votes = 0.0
-    for key in keys:
-        elected = _trimmed(inputs, key, thresholds, params_of(key)["weights"]).sum(dim=0)
-        votes += float(torch.sign(elected).sum())
+    votes = sum(elected_sign_sum(inputs, key, params_of(key)["weights"], thresholds) for key in keys)
     return thresholds, (1.0 if votes > 0 else -1.0)
 
 
