@@ -107,14 +107,8 @@ def trim_into(work: torch.Tensor, deltas: torch.Tensor, thresholds: torch.Tensor
     ``thresholds`` None keeps everything. The trim is a hard shrink at the largest float below the threshold, which
     keeps exactly the entries with ``|x| ≥ thr`` in one pass (a bool mask times a float tensor takes ten).
     """
-    for t, w in enumerate(weights):
-        if thresholds is None or float(thresholds[t]) <= 0:
-            torch.mul(deltas[t], w, out=work[t])
-            continue
-        below = float(torch.nextafter(thresholds[t].float(), torch.tensor(-float("inf"), device=thresholds.device)))
-        torch.ops.aten.hardshrink.out(deltas[t], below, out=work[t])
-        work[t].mul_(w)
-    return work
+    rows = deltas.shape[1] if deltas.dim() > 1 else 1
+    return _weigh_and_trim(work, deltas, weights, _just_below(thresholds), None, 0, rows)
 
 
 def elect_and_merge(inputs: MergeInputs, work: torch.Tensor, weights: Sequence[float], normalize: bool,
@@ -193,15 +187,22 @@ def _weigh_and_trim(v: torch.Tensor, source: torch.Tensor, weights, below, scala
     return v
 
 
+def _chunk_layout(inputs: MergeInputs, key: str) -> tuple[torch.Tensor, int, int, tuple[int, ...]]:
+    """``key``'s task vectors with at least one row dimension (T × rows × …), its rows, the rows per chunk and a
+    chunk's shape: how both TIES sweeps walk a tensor."""
+    deltas = inputs.deltas(key)
+    deltas = deltas.reshape(-1, 1) if deltas.dim() == 1 else deltas  # a 0-d tensor: one row
+    rows = deltas.shape[1]
+    step = _chunk_rows(deltas.shape[1:], deltas.device)
+    return deltas, rows, step, (min(step, rows), *deltas.shape[2:])
+
+
 def elected_sign_sum(inputs: MergeInputs, key: str, weights: Sequence[float | torch.Tensor],
                      thresholds: torch.Tensor | None) -> float:
     """Σ over ``key``'s entries of sign(Σ_t w_t · trim_t(τ_t)): TIES' vote for the model-wide tie sign (official
     code), in one chunked sweep like ``ties_merge_into``."""
-    deltas = inputs.deltas(key)
-    deltas = deltas.reshape(-1, 1) if deltas.dim() == 1 else deltas
-    rows, device = deltas.shape[1], deltas.device
-    step = _chunk_rows(deltas.shape[1:], device)
-    shape = (min(step, rows), *deltas.shape[2:])
+    deltas, rows, step, shape = _chunk_layout(inputs, key)
+    device = deltas.device
     values = inputs.scratch("ties.work", (deltas.shape[0], *shape), device=device)
     total = inputs.scratch("ties.tmp", shape, device=device)
     scalar_weights = None if any(isinstance(w, torch.Tensor) for w in weights) else _per_task(weights, device, len(shape))
@@ -227,15 +228,12 @@ def ties_merge_into(inputs: MergeInputs, key: str, out: torch.Tensor, weights: S
     the sign most entries elect, known only after the sweep, so chunks holding an exact cancellation (a zero sum of
     non-zero values) are swept with +1 and swept again if the tensor's sign turns out −1.
     """
-    deltas, anchor = inputs.deltas(key), inputs.anchor32(key)
-    if deltas.dim() == 1:  # a 0-d tensor: one row
-        deltas, anchor, out_rows = deltas.reshape(-1, 1), anchor.reshape(1), out.reshape(1)
+    deltas, rows, step, shape = _chunk_layout(inputs, key)
+    anchor, out_rows = inputs.anchor32(key), out
+    if anchor.dim() == 0:  # a 0-d tensor: one row
+        anchor, out_rows = anchor.reshape(1), out.reshape(1)
         draws = draws.reshape(-1, 1) if draws is not None else None
-    else:
-        out_rows = out
-    n_models, rows, device = deltas.shape[0], deltas.shape[1], deltas.device
-    step = _chunk_rows(deltas.shape[1:], device)
-    shape = (min(step, rows), *deltas.shape[2:])
+    n_models, device = deltas.shape[0], deltas.device
     values = inputs.scratch("ties.work", (n_models, *shape), device=device)
     signs = inputs.scratch("ties.keep", (n_models, *shape), device=device)
     elected, total = inputs.scratch("ties.sign", shape, device=device), inputs.scratch("ties.tmp", shape, device=device)
