@@ -654,7 +654,7 @@ def _reference_ties(inputs, key, weights, thresholds=None, draws=None, drops=(),
             deltas[t].mul_(r)
     work = trim_into(torch.empty_like(deltas), deltas, thresholds, weights)
     out = torch.empty(deltas.shape[1:])
-    elect_and_merge(inputs, work, weights, normalize, None, out)
+    elect_and_merge(inputs, work, weights, normalize, out)
     return out.mul_(0.7).add_(inputs.anchor32(key))
 
 

@@ -112,21 +112,22 @@ def trim_into(work: torch.Tensor, deltas: torch.Tensor, thresholds: torch.Tensor
 
 
 def elect_and_merge(inputs: MergeInputs, work: torch.Tensor, weights: Sequence[float], normalize: bool,
-                    tie_sign: float | None, out: torch.Tensor) -> torch.Tensor:
-    """TIES steps 2–3 on ``work``, the T × shape trimmed and weighted task vectors (overwritten), into ``out``.
+                    out: torch.Tensor) -> torch.Tensor:
+    """TIES steps 2–3 on ``work``, the T × shape trimmed and weighted task vectors (overwritten), into ``out``, step
+    by step over the whole tensor (for masks the fused ``ties_merge_into`` does not make: DELLA, Breadcrumbs, DARE
+    trimmed after its drop).
 
     Weighted entries vote with their sum; each entry keeps only the values of the elected sign (zeros never count)
     and, with ``normalize``, divides by the sum of the weights that agreed (the disjoint mean). Entries whose sum is
-    exactly 0 take ``tie_sign``; None: the sign most entries of this tensor elected (−1 on a draw, as the official
-    code, whose fallback is the sign of the sum of the elected signs).
+    exactly 0 take the sign most entries of this tensor elected (−1 on a draw, as the official code, whose fallback
+    is the sign of the sum of the elected signs).
     """
     shape, device = work.shape[1:], work.device
     sign = inputs.scratch("ties.sign", shape, device=device)
     tmp = inputs.scratch("ties.tmp", shape, device=device)
     torch.sum(work, dim=0, out=out)
     torch.sign(out, out=sign)
-    if tie_sign is None:
-        tie_sign = 1.0 if float(sign.sum()) > 0 else -1.0
+    tie_sign = 1.0 if float(sign.sum()) > 0 else -1.0
     # sign(sign(e) + tie/2) is sign(e) where e ≠ 0 and the tie sign where e = 0, without a bool mask
     torch.sign(sign.add_(0.5 * tie_sign), out=sign)
     divisor = tmp.zero_() if normalize else None
@@ -290,7 +291,7 @@ def combine_sparse(inputs: MergeInputs, key: str, work: torch.Tensor, weights: S
     if combine == "ties":
         for t, w in enumerate(weights):
             work[t].mul_(w)
-        elect_and_merge(inputs, work, weights, normalize, None, out)
+        elect_and_merge(inputs, work, weights, normalize, out)
         return out.mul_(scale).add_(inputs.anchor32(key))
     factor = scale / (safe_divisor(sum(weights)) if normalize else 1.0)
     return add_weighted(out, inputs.anchor32(key), work, [factor * w for w in weights])
@@ -328,5 +329,6 @@ def l1_rescale_(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7)
     return masked
 
 
-__all__ = ["CHUNK_ELEMENTS", "combine_sparse", "dare_seed", "elect_and_merge", "elected_sign_sum", "global_thresholds", "keep_count", "kth_smallest", "l1_rescale_",
-           "magnitude_thresholds", "sorted_magnitudes", "ties_merge_into", "trim_into", "trim_thresholds", "uniforms"]
+__all__ = ["CHUNK_ELEMENTS", "combine_sparse", "dare_seed", "elect_and_merge", "elected_sign_sum", "global_thresholds",
+           "keep_count", "kth_smallest", "l1_rescale_", "magnitude_thresholds", "sorted_magnitudes", "ties_merge_into",
+           "trim_into", "trim_thresholds", "uniforms"]

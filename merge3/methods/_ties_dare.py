@@ -18,8 +18,9 @@ from merge3.methods._inputs import MergeInputs
 from merge3.methods._mergekit import MergekitForm
 from merge3.methods._params import LayerValue
 from merge3.methods._registry import Bounds, Kernel, PerModel, StateDict, merge_method
-from merge3.methods._sparsify import (elect_and_merge, elected_sign_sum, global_thresholds, keep_count, magnitude_thresholds,
-                                      sorted_magnitudes, ties_merge_into, trim_into, trim_thresholds, uniforms)
+from merge3.methods._sparsify import (elect_and_merge, elected_sign_sum, global_thresholds, keep_count,
+                                      magnitude_thresholds, sorted_magnitudes, ties_merge_into, trim_into,
+                                      trim_thresholds, uniforms)
 
 Density = Annotated[LayerValue, Bounds(0.0, 1.0, search=(0.05, 1.0))]
 DropRate = Annotated[LayerValue, Bounds(0.0, 0.99, search=(0.0, 0.9))]
@@ -120,7 +121,7 @@ def _dare_key(inputs: MergeInputs, key: str, p: dict, context: None, out: torch.
             deltas[t].mul_(r)
     work = inputs.scratch("ties.work", deltas.shape, device=deltas.device)
     trim_into(work, deltas, magnitude_thresholds(deltas, p["density"]), w)
-    elect_and_merge(inputs, work, w, normalize, None, out)
+    elect_and_merge(inputs, work, w, normalize, out)
     out.mul_(p["scale"]).add_(inputs.anchor32(key))
 
 

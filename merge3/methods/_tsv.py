@@ -157,6 +157,11 @@ def truncate(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     return (u[:, :rank] * s[:rank]) @ vh[:rank, :]
 
 
+def check_rank_fraction(rank_fraction: float | None) -> None:
+    if rank_fraction is not None and not (0.0 < rank_fraction <= 1.0):
+        raise Merge3Error(f"tsv_compress: rank_fraction = {rank_fraction} is out of range (0, 1]")
+
+
 def compressed_rank(shape: Sequence[int], n_tasks: int, rank_fraction: float | None) -> int:
     """TSV-C's rank: ``int(r/T)`` as the official code, or ``max(1, int(r · rank_fraction))``."""
     r = min(shape)
@@ -178,8 +183,7 @@ def tsv_compress_models(base: StateDict, models: Sequence[StateDict],
     >>> tsv_compress_models(base, [ft, ft])[0]["w"].diagonal().tolist()
     [4.0, 3.0, 0.0, 0.0]
     """
-    if rank_fraction is not None and not (0.0 < rank_fraction <= 1.0):
-        raise Merge3Error(f"tsv_compress: rank_fraction = {rank_fraction} is out of range (0, 1]")
+    check_rank_fraction(rank_fraction)
     check_inputs(base, models, "tsv_merge")
     inputs = MergeInputs(base, models)
     outputs: list[StateDict] = [{} for _ in models]
@@ -222,10 +226,8 @@ def _tsv_compress_key(inputs: MergeInputs, key: str, p: dict, context: None, out
     if not is_tsv_key(key, shape):
         add_weighted(out, anchor, inputs.deltas(key), coefficients)
         return
-    fraction = p["rank_fraction"]
-    if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise Merge3Error(f"tsv_compress: rank_fraction = {fraction} is out of range (0, 1]")
-    rank = compressed_rank(shape, inputs.n_models, fraction)
+    check_rank_fraction(p["rank_fraction"])
+    rank = compressed_rank(shape, inputs.n_models, p["rank_fraction"])
     scaled_u, vh = _singular_factors(inputs, key)
     # Σ_t c_t U_t,k diag(s_t,k) V_t,kᵀ as one product: [c_1 U_1 S_1 | … | c_T U_T S_T] @ [V_1ᵀ; …; V_Tᵀ]
     left = torch.cat([scaled_u[t, :, :rank] * c for t, c in enumerate(coefficients)], dim=1)
