@@ -15,13 +15,13 @@ search-split score of the top-1 is kept beside it: the difference is how much th
 Items evaluated count every answer: first evaluations, promotions, adaptive tests.
 
     python bench/search_efficiency.py [--workload digits|minilm] [--genome layer|rows] [--seeds 0 1 2] [--quick]
-                                      [--strategies full fixed-gp fresh-gp-promo ...]
+                                      [--generations N] [--population N] [--strategies full fixed-gp ...]
 
 ``--genome rows`` searches the finer space instead: one TSV weight per task and block of 64 output neurons
 (``row_blocks: 16``, 160 coefficients on the digits encoder) with merge3's CMA-ES, instead of one weight per task
 and layer plus a method choice with the GA.
 
-Writes bench/results/search_efficiency[_minilm|_digits_rows][_g<N>].json and .png (quality vs items evaluated) and
+Writes bench/results/search_efficiency[_minilm|_digits_rows][_g<N>][_p<N>].json and .png (quality vs items evaluated) and
 prints a table. Targets: ≥ 98 % of full-evolution test quality at ≥ 30× fewer items (rows), ≥ 99 % at ≥ 45×
 (per-layer); the final merge ≥ 0.06 above the best fixed recipe on test (digits rows).
 """
@@ -216,6 +216,8 @@ def main() -> None:
                         help="rows: 16 row blocks per layer, TSV only, CMA-ES (digits)")
     parser.add_argument("--generations", type=int, default=None,
                         help="override the workload's generations (results get a _g<N> suffix)")
+    parser.add_argument("--population", type=int, default=None,
+                        help="override the workload's population (results get a _p<N> suffix)")
     parser.add_argument("--quick", action="store_true", help="a smaller budget, for a smoke run")
     parser.add_argument("--extend", action="store_true", help="add these seeds and strategies to the stored results "
                         "instead of replacing them (same workload and budget; a stored strategy and seed is not rerun: "
@@ -235,6 +237,8 @@ def main() -> None:
                     row_blocks=16, engine={"name": "cmaes"})
     if args.generations:
         work.update(name=f"{work['name']}_g{args.generations}", generations=args.generations)
+    if args.population:
+        work.update(name=f"{work['name']}_p{args.population}", population=args.population)
     runs_dir = WORK / work["name"]
     if not args.extend:
         shutil.rmtree(runs_dir, ignore_errors=True)  # bench scratch, not user runs
