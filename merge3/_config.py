@@ -5,7 +5,12 @@ validated config cannot be changed afterwards (what was checked is what runs). `
 error into merge3's one line that names the field.
 """
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**32 - 1  # what numpy's RandomState, scikit-learn and torch's generators all take
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class StrictConfig(BaseModel):
@@ -25,4 +30,4 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
-__all__ = ["StrictConfig"]
+__all__ = ["MAX_SEED", "Seed", "StrictConfig"]

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from merge3._config import MAX_SEED
 from merge3._errors import Merge3Error
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -274,6 +275,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         print_leaderboard(frame, console, task=args.task)
         return 0
     text = format_leaderboard(frame, args.format, task=args.task)
+    if args.out and Path(args.out).is_file() and not args.force:
+        raise Merge3Error(f"--out '{args.out}' already exists (give --force to replace it)")
     if args.out:
         write_text_atomic(Path(args.out), text)
         console.print(f"leaderboard ({len(frame)} rows) written to {args.out}")
@@ -412,27 +415,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            span = f"≥ {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {text!r}")
         return value
 
     return parse
 
 
-_SEED, _COUNT = _int_at_least(0), _int_at_least(1)
+_SEED, _COUNT, _COUNT0 = _int_at_least(0, MAX_SEED), _int_at_least(1), _int_at_least(0)
 
 
 def _distinct_names(text: str | None, paths, what: str) -> list[str]:
     """``--names a,b`` (one distinct, non-empty name per path), or the paths' folder names."""
     names = text.split(",") if text else [Path(p).name for p in paths]
-    if len(names) != len(paths) or len(set(names)) != len(names) or not all(names):
-        raise Merge3Error(f"--names: give one distinct name per {what} ({len(paths)}), got {text!r}")
+    wanted = f"--names: give one distinct name per {what} ({len(paths)})"
+    if len(names) != len(paths):
+        raise Merge3Error(f"{wanted}, got {len(names)} in {text!r}")
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise Merge3Error(f"{wanted}: '{twice}' comes twice" + ("" if text else " (as a folder name)"))
     return names
 
 
@@ -532,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder")
     p.add_argument("--models", nargs="+", required=True, help="endpoint model folders (the fine-tunes)")
     p.add_argument("--names", help="comma-separated endpoint names (default: folder names)")
-    p.add_argument("--random-merges", type=_SEED, default=150, help="random merges answering the bank (default 150)")
+    p.add_argument("--random-merges", type=_COUNT0, default=150, help="random merges answering the bank (default 150)")
     p.add_argument("--methods", default="task_arithmetic,ties,dare,tsv_merge", help="methods random merges use")
     p.add_argument("--granularity", default="layer", choices=["layer", "block", "attn_mlp", "model"])
     p.add_argument("--ns", type=_sizes, default="5,10,20,50,100", help="items per task to calibrate subsets for")
@@ -599,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo-dir", default="zoo/digits")
     p.add_argument("--banks-dir", default="item_banks")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--random-merges", type=_SEED, default=150, help="calibration subjects besides base and endpoints")
+    p.add_argument("--random-merges", type=_COUNT0, default=150, help="calibration subjects besides base and endpoints")
     p.add_argument("--top", type=_COUNT, default=3, help="verify this many of the best merges on the full bank")
     p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -625,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="*", help="run folders or folders of runs (default: runs)")
     p.add_argument("--format", default="table", choices=FORMATS, help="table (terminal), csv, markdown, json or html")
     p.add_argument("--out", help="write the csv/markdown/json/html to this file (atomically) instead of stdout")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--task", help="score and sort by this task alone")
     p.add_argument("--top", type=_COUNT, help="keep the best N merges per bank (baselines always stay)")
     p.add_argument("--per-run", type=_COUNT, default=5, help="candidates per single-objective run (default 5)")

@@ -195,15 +195,32 @@ def _head(rows: int = 3, cols: int = 16) -> bytes:
                  "bias": torch.zeros(rows)})
 
 
-def _bank(path: Path, heads: dict[str, bytes] | None = None, width: int = 8) -> Path:
+def _bank(path: Path, heads: dict[str, bytes] | None = None, width: int = 8,
+          items: Callable[[pd.DataFrame], pd.DataFrame] = lambda items: items) -> Path:
     from merge3.itembank import BankSpec, write_bank
 
     heads = heads or {t: _head() for t in "ab"}
     spec = BankSpec(name="tiny", tasks=["a", "b"],
                     evaluator={"kind": "classifier", "heads": {t: f"heads/{t}.safetensors" for t in "ab"}})
     files = {f"heads/{t}.safetensors": data for t, data in heads.items()}
-    write_bank(path, spec, _items(width), files, test_fraction=0.25, seed=0)
+    write_bank(path, spec, items(_items(width)), files, test_fraction=0.25, seed=0)
     return path
+
+
+def _nan_head() -> bytes:
+    from safetensors.torch import save
+
+    weight = torch.zeros(3, 16)
+    weight[1, 2] = float("nan")
+    return save({"weight": weight, "bias": torch.zeros(3)})
+
+
+def _with_input(row: int, vector) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def change(items: pd.DataFrame) -> pd.DataFrame:
+        items = items.copy()
+        items.at[row, "input"] = np.asarray(vector, dtype=np.float32)
+        return items
+    return change
 
 
 class Evil:
@@ -268,6 +285,9 @@ def assets(tmp_path_factory):
     _bank(banks / "corrupt_head", heads={"a": b"junk", "b": _head()})
     _bank(banks / "wide_head", heads={"a": _head(3, 7), "b": _head()})
     _bank(banks / "narrow_items", width=5)
+    _bank(banks / "nan_head", heads={"a": _nan_head(), "b": _head()})
+    _bank(banks / "nan_input", items=_with_input(30, [0.0] * 7 + [float("nan")]))
+    _bank(banks / "ragged_input", items=_with_input(30, [0.5] * 5))
     _bank(banks / "binary_yaml")
     (banks / "binary_yaml" / "bank.yaml").write_bytes(b"\xff\xfe name: x\n")
 
@@ -279,7 +299,8 @@ def assets(tmp_path_factory):
              "mods": mods, "shard": root / "base" / shard, "configjson": root / "base" / "config.json",
              **{name: bad / name for name in ("nan", "inf", "shape", "big", "corrupt", "truncated", "pickle", "evil",
                                               "noconfig", "noweights")},
-             **{name: banks / name for name in ("no_head", "corrupt_head", "wide_head", "narrow_items", "binary_yaml")}}
+             **{name: banks / name for name in ("no_head", "corrupt_head", "wide_head", "narrow_items", "binary_yaml",
+                                                 "nan_head", "nan_input", "ragged_input")}}
     paths = {k: str(v) for k, v in paths.items()}
     outcome = merge3.search(_subst(_space_dict(), paths), runs_dir=root / "runs", name="good", progress=False)
     assert outcome.run.meta["status"] == "finished"
@@ -371,6 +392,10 @@ NO_CUDA = pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
 
 # `merge`: a bad model among the inputs, or a bad config
 MERGE = [
+    C("weight-not-a-number", "merge m.yaml --out out", "field 'models.0.parameters.weight'", "got 'abc'",
+      files={"m.yaml": merge_yaml(params="weight: abc")}),
+    C("weight-a-boolean", "merge m.yaml --out out", "field 'models.0.parameters.weight'", "got True",
+      files={"m.yaml": merge_yaml(params="weight: true")}),
     C("corrupt-safetensors", "merge m.yaml --out out", "cannot read safetensors file", "@corrupt",
       files={"m.yaml": merge_yaml(model="@corrupt")}),
     C("truncated-safetensors", "merge m.yaml --out out", "cannot read safetensors file", "@truncated",
@@ -475,6 +500,9 @@ EVAL = [
     C("bank-head-corrupt", "eval @base --bank @corrupt_head", "heads/a.safetensors"),
     C("bank-head-mis-shaped", "eval @base --bank @wide_head", "heads/a.safetensors"),
     C("bank-items-too-narrow", "eval @base --bank @narrow_items", "input"),
+    C("bank-head-nan", "eval @base --bank @nan_head", "head file 'heads/a.safetensors' for task 'a' holds NaN/Inf"),
+    C("bank-item-input-nan", "eval @base --bank @nan_input", "item 'b-6' has NaN/Inf in its 'input'"),
+    C("bank-item-input-ragged", "eval @base --bank @ragged_input", "item 'b-6' has 5 input values, the other items 8"),
     C("bank-yaml-not-utf8", "eval @base --bank @binary_yaml", "bank.yaml"),
 ]
 
@@ -562,6 +590,12 @@ SEARCH = [
       files={"s.yaml": space(bank={"fitness": {"promotion": {"top_k": 9}}})}),
     C("negative-seed", "search s.yaml --runs-dir runs", "field 'seed'", files={"s.yaml": space(seed=-1)}),
     C("negative-seed-flag", "search s.yaml --runs-dir runs --seed -1", "--seed", "'-1'", files={"s.yaml": space()}),
+    C("endpoint-names-repeat", "search s.yaml --runs-dir runs", "field 'models'", "names gives 'x' twice",
+      files={"s.yaml": space(models={"names": ["x", "x"]})}),
+    C("seed-above-32-bits", "search s.yaml --runs-dir runs", "field 'seed'", "less than or equal to 4294967295",
+      files={"s.yaml": space(seed=2**70)}),
+    C("seed-flag-above-32-bits", "search s.yaml --runs-dir runs --seed 4294967296", "--seed",
+      "in 0..4294967295", files={"s.yaml": space()}),
     C("zero-actors", "search s.yaml --runs-dir runs --actors 0", "--actors", files={"s.yaml": space()}),
     C("nan-endpoint", "search s.yaml --runs-dir runs", "@nan has 1 NaN/Inf value(s)",
       files={"s.yaml": space(models={"endpoints": ["@nan", "@b"]})}),
@@ -675,7 +709,12 @@ COMPRESS = [
     C("energy-nan", "compress @base @a @b --out packs --energy nan", "--energy nan is outside (0, 1]"),
     C("rank-and-energy", "compress @base @a @b --out packs --rank 2 --energy 0.5", "not allowed with argument"),
     C("names-mismatch", "compress @base @a @b --out packs --names x", "--names: give one distinct name per model"),
-    C("names-repeat", "compress @base @a @b --out packs --names x,x", "--names: give one distinct name per model"),
+    C("names-repeat", "compress @base @a @b --out packs --names x,x", "--names: give one distinct name per model",
+      "'x' comes twice"),
+    C("names-reach-outside-out", "compress @base @a @b --out packs --names ../../evil,b",
+      "task name '../../evil' is not a plain folder name"),
+    C("names-with-a-slash", "compress @base @a @b --out packs --names x/y,b", "'x/y' is not a plain folder name"),
+    C("same-model-twice", "compress @base @a @a --out packs", "'a' comes twice (as a folder name)"),
     C("nan-model", "compress @base @nan --out packs", "@nan has 1 NaN/Inf value(s)"),
     C("mis-shaped-model", "compress @base @shape --out packs", "'layers.1.weight' 16×20 vs 16×16"),
     C("out-exists", "compress @base @a --out mine", "'mine' already exists and is not empty",
@@ -694,6 +733,8 @@ COMPRESS = [
       "--layer 'layers.7': the packs hold no factors", setup=_packs),
     C("route-names-count", "route packs/a packs/b --out r --names x", "--names: give one distinct name per pack",
       setup=_packs),
+    C("route-names-reach-outside-out", "route packs/a packs/b --out r --names ../../evil,b",
+      "route: task name '../../evil' is not a plain folder name", setup=_packs),
     C("route-out-exists", "route packs/a packs/b --out mine", "'mine' already exists and is not empty",
       files={"mine/notes.txt": "mine"}, setup=_packs),
     C("pack-without-a-base", "merge m.yaml --out out", "skill pack '@w/packs/a' is a task vector: it needs its base",
@@ -752,6 +793,11 @@ FEDERATE = [
     C("init-missing", "federate f.yaml", "'@w/nowhere' does not exist",
       files={"f.yaml": fed(model={"init": "@w/nowhere"})}),
     C("negative-seed", "federate f.yaml", "field 'seed'", files={"f.yaml": fed(seed=-1)}),
+    C("seed-above-32-bits", "federate f.yaml", "field 'seed'", files={"f.yaml": fed(seed=2**40)}),
+    C("method-and-search", "federate f.yaml", "field 'aggregate'", "give 'search' or 'method', not both",
+      files={"f.yaml": fed(aggregate={"method": "ties", "search": {"methods": ["task_arithmetic"]}})}),
+    C("model-too-big-to-allocate", "federate f.yaml", "field 'model.sizes'", "75,000,000,010 parameters",
+      files={"f.yaml": fed(model={"sizes": [64, 1_000_000_000, 10]})}),
     C("unknown-field", "federate f.yaml", "field 'colour'", files={"f.yaml": fed(colour="red")}),
     C("not-a-mapping", "federate f.yaml", "f.yaml' must be a mapping", files={"f.yaml": "- a\n"}),
     C("config-missing", "federate nothing.yaml", "'nothing.yaml' does not exist"),
@@ -858,6 +904,10 @@ RUNS = [
     C("leaderboard-out-parent-is-a-file", "leaderboard @run --format csv --out mine.txt/board.csv --no-baselines",
       "'mine.txt' is a file", files={"mine.txt": "notes"}),
     C("leaderboard-out-without-format", "leaderboard @run --out board.txt --no-baselines", "--out needs --format"),
+    C("leaderboard-out-exists", "leaderboard @run --format csv --out board.csv --no-baselines",
+      "--out 'board.csv' already exists (give --force to replace it)", files={"board.csv": "my own notes"}),
+    C("report-with-no-readable-evaluation", "report run", "has no readable evaluation", "report.html is kept",
+      setup=_run_copy(lambda run, paths: (run / "evaluations.jsonl").write_text('{"generation": 0, "ind'))),
     C("leaderboard-missing-folder", "leaderboard nowhere", "'nowhere' does not exist"),
     C("leaderboard-a-file", "leaderboard mine.txt", "'mine.txt' is neither a run folder", files={"mine.txt": "x"}),
     C("leaderboard-unknown-task", "leaderboard @run --task zzz --no-baselines", "--task 'zzz'"),
@@ -1043,6 +1093,18 @@ BANKS = [
     C("from-file-out-is-my-folder", "bank from-file q.jsonl --out mine", "'mine' exists and is not an item bank",
       files={"q.jsonl": _jsonl(MC), "mine/thesis.tex": "years of work"}),
     C("from-file-empty-file", "bank from-file q.jsonl --out new", "q.jsonl", files={"q.jsonl": ""}),
+    C("from-file-not-utf8", "bank from-file q.jsonl --out new", "items file 'q.jsonl' is not UTF-8 text",
+      files={"q.jsonl": _jsonl(MC).encode() + b'{"question": "\xff?"}\n'}),
+    C("from-file-template-format-spec", "bank from-file q.jsonl --out new --template {question:>99999999999}",
+      "template field {question:>99999999999} has a format spec", files={"q.jsonl": _jsonl(MC)}),
+    C("from-file-choice-twice", "bank from-file q.jsonl --out new", "q.jsonl, row 1: the choice '4' is given twice",
+      files={"q.jsonl": _jsonl({**MC, "choices": ["4", "3", "4"]})}),
+    C("from-file-generation-empty-answer", "bank from-file q.jsonl --out new", "q.jsonl, row 2: empty answer",
+      files={"q.jsonl": _jsonl({"prompt": "2+2=", "answer": "4"}, {"prompt": "3+3=", "answer": " "})}),
+    C("from-file-tokenizer-missing", "bank from-file q.jsonl --out new --tokenizer nowhere",
+      "tokenizer 'nowhere' does not exist", files={"q.jsonl": _jsonl(MC)}),
+    C("from-file-template-conversion", "bank from-file q.jsonl --out new --template Q:{question!r}",
+      "template field {question!r} has a format spec or conversion", files={"q.jsonl": _jsonl(MC)}),
     C("zoo-out-is-my-folder", "zoo build digits --out mine --banks-dir banks", "'mine' exists and is not a zoo",
       files={"mine/thesis.tex": "years of work"}),
     C("zoo-banks-dir-holds-my-folder", "zoo build digits --out zoo --banks-dir banks",

@@ -118,6 +118,30 @@ def test_save_load_roundtrip_without_pickle(tmp_path, fit2pl):
         IRTModel.load(tmp_path / "nowhere")
 
 
+def _damage_params(folder, **arrays):
+    with np.load(folder / "irt_params.npz", allow_pickle=False) as z:
+        saved = {k: z[k] for k in z.files}
+    np.savez(folder / "irt_params.npz", **{**saved, **arrays})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f, m: _damage_params(f, a=np.full_like(m.a, np.nan)), "'a' holds NaN/Inf"),
+    (lambda f, m: _damage_params(f, theta_cov=np.array([[np.inf]])), "'theta_cov' holds NaN/Inf"),
+    (lambda f, m: _damage_params(f, b=m.b[:-1]), "'b' has shape"),
+    (lambda f, m: _damage_params(f, a=m.a.astype(str)), "'a' holds NaN/Inf or non-numbers"),
+    (lambda f, m: (f / "irt_params.npz").write_bytes((f / "irt_params.npz").read_bytes()[:100]), "cannot be read"),
+    (lambda f, m: (f / "irt_params.npz").unlink(), "irt_params.npz is missing"),
+    (lambda f, m: (f / "irt.json").write_text('{"format": "merge3-irt", "ki'), "irt.json cannot be read"),
+    (lambda f, m: (f / "irt.json").write_text("[]"), "is not a merge3 IRT model"),
+])
+def test_a_damaged_saved_model_is_one_error_naming_the_file_never_nan_estimates(tmp_path, fit2pl, damage, message):
+    folder = fit2pl.save(tmp_path / "irt")
+    damage(folder, fit2pl)
+    with pytest.raises(Merge3Error, match=message) as e:
+        IRTModel.load(folder)
+    assert str(folder) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_missing_answers_are_masked_not_propagated(bank1d):
     R = bank1d.responses.copy()[:80, :200]
     R[np.random.default_rng(0).random(R.shape) < 0.2] = np.nan

@@ -182,3 +182,49 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
         assert stat.S_IMODE((tmp_path / "out" / "a.json").stat().st_mode) == 0o644
     finally:
         os.umask(mask)
+
+
+def test_an_output_that_cannot_be_made_is_one_error_naming_the_users_path(tmp_path, monkeypatch):
+    """A read-only or full disk: the error names the output the user gave, not the temporary name beside it."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(Merge3Error, match=f"output '{tmp_path / 'out'}' cannot be written in '{tmp_path}': "
+                                          "Operation not permitted"):
+        with mm.atomic_dir(tmp_path / "out"):
+            pass
+    with pytest.raises(Merge3Error, match="output '.*board.csv' cannot be written"):
+        mm.write_text_atomic(tmp_path / "board.csv", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_names_from_users_stay_inside_their_folder():
+    for good in ("ft-rot90", "news_topic", "a.b", "7"):
+        assert mm.check_folder_name(good, "--names") == good
+    for bad in ("", ".", "..", "../x", "a/b", "a\\b", ".hidden", "-x", "a b", "x\0"):
+        with pytest.raises(Merge3Error, match="is not a plain folder name"):
+            mm.check_folder_name(bad, "--names")
+
+
+def test_yaml_reads_exponent_numbers_as_numbers_and_stays_safe(tmp_path):
+    """``1e-3`` is a number (YAML 1.2, and what Python users write), not the string PyYAML's 1.1 rules make of it;
+    object-building tags are still refused."""
+    f = tmp_path / "c.yaml"
+    f.write_text("weight: 5e-1\nlow: -1E-3\nbig: 2e30\nname: 1e\nversion: 1.10\nn: 7\n")
+    assert mm.read_yaml_mapping(f, "config") == {"weight": 0.5, "low": -0.001, "big": 2e30, "name": "1e",
+                                                  "version": 1.1, "n": 7}
+    f.write_text("merge_method: ties\nmodels: []\nmerge_method: linear\n")
+    with pytest.raises(Merge3Error, match="not valid YAML: key 'merge_method' is given twice"):
+        mm.read_yaml_mapping(f, "config")
+    f.write_text("defaults: &d {density: 0.5, weight: 1}\nmodel: {<<: *d, weight: 2}\n")
+    assert mm.read_yaml_mapping(f, "config")["model"] == {"density": 0.5, "weight": 2}, "a merge key may be overridden"
+    f.write_text("x: !!python/object/apply:os.system ['echo PWNED']\n")
+    with pytest.raises(Merge3Error, match="not valid YAML"):
+        mm.read_yaml_mapping(f, "config")
+    import yaml
+
+    assert yaml.safe_load("w: 5e-1") == {"w": "5e-1"}, "PyYAML's own SafeLoader is left as it was"

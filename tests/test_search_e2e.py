@@ -265,7 +265,9 @@ def test_every_leaderboard_format_parses(two_runs, tmp_path, fmt):
     runs = two_runs[0]
     frame = merge3.leaderboard(runs)
     out = tmp_path / f"board.{fmt}"
-    assert main(["leaderboard", str(runs), "--format", fmt, "--out", str(out)]) == 0
+    out.write_text("an older board")
+    assert main(["leaderboard", str(runs), "--format", fmt, "--out", str(out), "--force"]) == 0, \
+        "--force replaces an existing file (without it: one error, tested in test_hostile_inputs)"
     text = out.read_text()
     if fmt == "csv":
         parsed = pd.read_csv(io.StringIO(text))

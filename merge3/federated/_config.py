@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from merge3._config import StrictConfig
+from merge3._config import Seed, StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.methods import get_method, list_methods
 from merge3.models import read_yaml_mapping
@@ -42,6 +42,9 @@ class ClientsConfig(StrictConfig):
         return clients
 
 
+MAX_PARAMETERS = 50_000_000
+
+
 class ModelConfig(StrictConfig):
     """The global model: an MLP classifier over the 8×8 images. ``init``: ``shared`` (one seeded initialisation
     sent to every client), ``independent`` (each client starts from its own: round 1 must align them, so the
@@ -56,6 +59,10 @@ class ModelConfig(StrictConfig):
         if sizes[0] != DIGITS_INPUTS or sizes[-1] != DIGITS_CLASSES or min(sizes) < 1:
             raise ValueError(f"digits clients need {DIGITS_INPUTS} inputs, {DIGITS_CLASSES} outputs and positive "
                              f"widths, got {sizes}")
+        parameters = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+        if parameters > MAX_PARAMETERS:  # every client and the server hold copies: refuse before allocating
+            raise ValueError(f"an MLP of widths {sizes} has {parameters:,} parameters; simulated clients are limited "
+                             f"to {MAX_PARAMETERS:,}")
         return sizes
 
 
@@ -98,6 +105,12 @@ class AggregationConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _method_and_params(self):
+        # a search chooses its methods itself: a method or params given too would be silently ignored (the defaults
+        # are what a saved config holds, so they pass)
+        default = type(self).model_fields["method"].default
+        given = [k for k, v in (("method", self.method != default), ("params", bool(self.params))) if v]
+        if self.search is not None and given:
+            raise ValueError(f"give 'search' or '{given[0]}', not both (the search chooses the methods per round)")
         method = _method(self.method)
         if self.search is None:
             method.validate({k: v for k, v in self.params.items()})
@@ -133,7 +146,7 @@ class FederatedConfig(StrictConfig):
     """
 
     name: str = "federated"
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     rounds: int = Field(ge=1)
     data: ClientsConfig
     model: ModelConfig = ModelConfig()

@@ -437,6 +437,8 @@ def read_items(path: str | os.PathLike) -> pd.DataFrame:
     builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix)
     if builder is None:
         raise Merge3Error(f"items file '{path}' must be .parquet, .jsonl, .json or .csv")
+    if builder != "parquet":
+        _check_utf8(path)
     try:
         import datasets
     except ImportError:
@@ -447,6 +449,16 @@ def read_items(path: str | os.PathLike) -> pd.DataFrame:
     except Exception:  # noqa: BLE001  (its messages are generic: pandas says what is wrong with the file)
         return _read_items_pandas(path, builder)
     return table.to_pandas()
+
+
+def _check_utf8(path: Path) -> None:
+    """A text items file must be UTF-8 (pyarrow would fail on the first bad string only when it is used)."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Merge3Error(f"items file '{path}' is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    except OSError as e:
+        raise Merge3Error(f"cannot read items file '{path}': {e.strerror or e}") from None
 
 
 def _read_items_pandas(path: Path, builder: str) -> pd.DataFrame:

@@ -415,9 +415,13 @@ class Estimator:
         path = folder / "estimator.json"
         if not path.exists():
             raise Merge3Error(f"no calibrated estimator in {folder}: estimator.json is missing (run calibration)")
-        doc = json.loads(path.read_text())
-        if doc.get("format") != FORMAT:
-            raise Merge3Error(f"{path} is not a merge3 estimator (format {doc.get('format')!r})")
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise Merge3Error(f"{path} cannot be read ({e}): recalibrate the bank") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise Merge3Error(f"{path} is not a merge3 estimator (format {got!r})")
         subsets = {(s.method, s.n): s for s in map(Subset.from_json, doc["subsets"])}
         constants = {(c["subset"], int(c["n"])): {k: v for k, v in c.items() if k not in ("subset", "n")} for c in doc["constants"]}
         d = doc["defaults"]

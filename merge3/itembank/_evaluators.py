@@ -51,7 +51,7 @@ class ClassifierEvaluator:
         spec = bank.spec.evaluator
         assert isinstance(spec, ClassifierSpec)
         self.bank, self.device, self.batch_size = bank, torch.device(device), spec.batch_size
-        self.inputs = torch.tensor(np.stack(bank.items["input"].to_numpy()), dtype=torch.float32, device=self.device)
+        self.inputs = torch.tensor(_input_matrix(bank), dtype=torch.float32, device=self.device)
         self.answers = bank.items["answer"].to_numpy().astype(np.int64)  # compared on the host, with the predictions
         self.heads = {t: load_head_file(bank, t, f, self.device) for t, f in (spec.heads or {}).items()}
         missing = [t for t in bank.tasks if spec.heads is not None and t not in self.heads]
@@ -95,6 +95,30 @@ class ClassifierEvaluator:
                               f"({x.shape[-1]} values each): {str(e).splitlines()[0]}") from None
 
 
+def _input_matrix(bank: ItemBank) -> np.ndarray:
+    """The items' ``input`` vectors as one float matrix: vectors of finite numbers, all of one length (an item of
+    another length than most is named)."""
+    rows = []
+    for k, vector in enumerate(bank.items["input"].to_numpy()):
+        try:
+            row = np.asarray(vector, dtype=np.float64)
+        except (TypeError, ValueError):
+            row = np.zeros((0, 0))
+        if row.ndim != 1:
+            raise Merge3Error(f"item bank '{bank.path}': item '{bank.item_ids[k]}' has an 'input' that is not a vector "
+                              "of numbers")
+        if not np.isfinite(row).all():
+            raise Merge3Error(f"item bank '{bank.path}': item '{bank.item_ids[k]}' has NaN/Inf in its 'input'")
+        rows.append(row)
+    sizes = np.array([r.size for r in rows])
+    usual = int(np.bincount(sizes).argmax()) if rows else 0
+    odd = np.flatnonzero(sizes != usual)
+    if odd.size:
+        raise Merge3Error(f"item bank '{bank.path}': item '{bank.item_ids[odd[0]]}' has {sizes[odd[0]]} input values, "
+                          f"the other items {usual}")
+    return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
 def _check_answers(bank: ItemBank, task: str, classes: int) -> None:
     """Every answer of ``task`` is a class its head can output."""
     answers = bank.items["answer"].to_numpy()[bank.task_indices[task]].astype(np.int64)
@@ -120,7 +144,10 @@ def load_head_file(bank: ItemBank, task: str, file: str, device: torch.device) -
     if head["bias"].shape != head["weight"].shape[:1]:
         raise Merge3Error(f"item bank '{bank.path}': head file '{file}': bias {tuple(head['bias'].shape)} does not "
                           f"fit weight {tuple(head['weight'].shape)}")
-    return head["weight"].float(), head["bias"].float()
+    weight, bias = head["weight"].float(), head["bias"].float()
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise Merge3Error(f"item bank '{bank.path}': head file '{file}' for task '{task}' holds NaN/Inf values")
+    return weight, bias
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:

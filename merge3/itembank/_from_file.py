@@ -97,6 +97,8 @@ def bank_from_file(files: Sequence[str | os.PathLike | FileTask], out: str | os.
         raise Merge3Error(f"tasks names {len(tasks)} task(s) for {len(files)} file(s): give one per file")
     if not files and not task_yaml:
         raise Merge3Error("no input: give data files, task YAMLs, or both")
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise Merge3Error(f"tokenizer '{tokenizer}' does not exist (give a local tokenizer or model folder)")
     shared = dict(task_column=task_column, prompt_column=prompt_column, choices_column=choices_column,
                   choice_columns=tuple(choice_columns), answer_column=answer_column, template=template,
                   target_delimiter=target_delimiter, id_column=id_column)
@@ -229,6 +231,8 @@ def _file_rows(source: FileTask) -> list[dict]:
                        answer=str(index))
         else:
             row.update(format="generation", prompt=prompt, choices=[], answer=_text(answer))
+            if not row["answer"].strip():
+                raise Merge3Error(f"{where}: empty answer (a generation item needs the text to compare with)")
         rows.append(row)
     return rows
 
@@ -253,12 +257,19 @@ def _missing(value) -> bool:
 def _template_fields(template: str, path) -> list[str]:
     """The column names a ``{column}`` template uses; attribute and index access is refused (plain names only)."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, spec, conversion) for _, f, spec, conversion in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise Merge3Error(f"{path}: template {template!r} is not a valid '{{column}}' template: {e}") from None
+    fields = [f for f, _, _ in parts]
     bad = [f for f in fields if not f or not re.fullmatch(r"[^.\[\]{}!:]+", f)]
     if bad:
         raise Merge3Error(f"{path}: template field {{{bad[0]}}} must be a plain column name")
+    # a format spec or conversion ({q:>99999999999}, {q!r}) would reshape the text, or exhaust memory: plain {column}s only
+    styled = next(((f, spec, conversion) for f, spec, conversion in parts if spec or conversion), None)
+    if styled is not None:
+        f, spec, conversion = styled
+        shown = f"{{{f}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+        raise Merge3Error(f"{path}: template field {shown} has a format spec or conversion; use a plain {{{f}}}")
     return list(dict.fromkeys(fields))
 
 
@@ -287,6 +298,10 @@ def _answer_index(answer, choices: list[str], where: str, names: Sequence[str] =
     """
     if len(choices) < 2:
         raise Merge3Error(f"{where}: {len(choices)} choice(s); a multiple-choice item needs at least 2")
+    stripped = [c.strip() for c in choices]
+    twice = next((c for c in stripped if stripped.count(c) > 1), None)
+    if twice is not None:  # two identical choices: the item has no single right answer by log-likelihood
+        raise Merge3Error(f"{where}: the choice {twice!r} is given twice")
     if isinstance(answer, (bool, np.bool_)):
         raise Merge3Error(f"{where}: answer {answer!r} is neither a choice index nor a choice's text")
     whole_float = isinstance(answer, (float, np.floating)) and float(answer).is_integer()

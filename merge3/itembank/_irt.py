@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -108,6 +109,23 @@ def map_logistic(
 
 # ----------------------------------------------------------------------------------------------------------------
 # The fitted model
+
+
+def _check_saved(arrays: dict[str, np.ndarray], n: int, params: Path) -> None:
+    """Saved parameters whose shapes fit together, finite numbers only: a damaged calibration must not turn into
+    NaN estimates (or a traceback) later."""
+    for name in ("a", "b", "theta_mean", "theta_cov"):
+        if name not in arrays:
+            raise KeyError(name)
+    D = arrays["theta_mean"].shape[0] if arrays["theta_mean"].ndim == 1 else 0
+    want = {"a": (n, D), "b": (n,), "theta_mean": (D,), "theta_cov": (D, D)}
+    for name, shape in want.items():
+        if D < 1 or arrays[name].shape != shape:
+            raise Merge3Error(f"{params}: '{name}' has shape {arrays[name].shape}, expected {shape} for {n} items "
+                              f"and D = {D}: recalibrate the bank")
+    for name, values in arrays.items():
+        if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+            raise Merge3Error(f"{params}: '{name}' holds NaN/Inf or non-numbers: recalibrate the bank")
 
 
 @dataclass
@@ -222,25 +240,29 @@ class IRTModel:
         folder = Path(folder)
         try:
             meta = json.loads((folder / "irt.json").read_text())
-            with np.load(folder / "irt_params.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
         except FileNotFoundError as e:
             raise Merge3Error(f"no IRT model in {folder}: {e.filename} is missing") from None
-        if meta.get("format") != FORMAT:
-            raise Merge3Error(f"{folder / 'irt.json'} is not a merge3 IRT model (format {meta.get('format')!r})")
-        return cls(
-            a=arrays["a"],
-            b=arrays["b"],
-            kind=meta["kind"],
-            theta=arrays.get("theta"),
-            item_ids=meta["item_ids"],
-            tasks=np.asarray(meta["tasks"], dtype=object),
-            subject_ids=meta["subject_ids"],
-            theta_mean=arrays["theta_mean"],
-            theta_cov=arrays["theta_cov"],
-            diagnostics=meta["diagnostics"],
-            metadata=meta["metadata"],
-        )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise Merge3Error(f"{folder / 'irt.json'} cannot be read ({e}): recalibrate the bank") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise Merge3Error(f"{folder / 'irt.json'} is not a merge3 IRT model (format {got!r})")
+        params = folder / "irt_params.npz"
+        try:
+            with np.load(params, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise Merge3Error(f"no IRT model in {folder}: {params} is missing") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated or foreign .npz
+            raise Merge3Error(f"{params} cannot be read ({type(e).__name__}: {e}): recalibrate the bank") from None
+        try:
+            _check_saved(arrays, len(meta["item_ids"]), params)
+            return cls(a=arrays["a"], b=arrays["b"], kind=meta["kind"], theta=arrays.get("theta"),
+                       item_ids=meta["item_ids"], tasks=np.asarray(meta["tasks"], dtype=object),
+                       subject_ids=meta["subject_ids"], theta_mean=arrays["theta_mean"],
+                       theta_cov=arrays["theta_cov"], diagnostics=meta["diagnostics"], metadata=meta["metadata"])
+        except (KeyError, TypeError) as e:
+            raise Merge3Error(f"IRT model in {folder}: {e.args[0]!r} is missing: recalibrate the bank") from None
 
     def summary(self) -> str:
         """One human-readable paragraph: kind, D, sizes, fit quality and the dimension-selection scores."""

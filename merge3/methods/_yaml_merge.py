@@ -37,7 +37,7 @@ from merge3.methods._inputs import MergeInputs
 from merge3.models import plain
 from merge3.methods._kernels import Sink, run_method
 from merge3.methods._mergekit import mergekit_methods, per_model_keys, per_model_params
-from merge3.methods._params import layer_positions
+from merge3.methods._params import is_layer_value, is_row_blocks, layer_positions
 from merge3.methods._registry import get_method, list_methods
 
 Number = Union[float, int]
@@ -119,7 +119,11 @@ def merge_params(config: MergeConfig) -> tuple[str, dict[str, Any]]:
                 raise Merge3Error(f"field 'models.{i}.parameters.{key}': {method_name} takes "
                                   f"{', '.join(sorted(allowed)) or 'no parameters'} per model (put the others under "
                                   "the global 'parameters')")
-            per_model.setdefault(key, [None] * len(config.models))[i] = _layer_value(value, f"models.{i}.parameters.{key}")
+            value = _layer_value(value, f"models.{i}.parameters.{key}")
+            if key != "role" and not (is_layer_value(value) or is_row_blocks(value)):  # roles are names
+                raise Merge3Error(f"field 'models.{i}.parameters.{key}': expected a number, a list of numbers (per "
+                                  f"layer) or a mapping pattern → number, got {value!r}")
+            per_model.setdefault(key, [None] * len(config.models))[i] = value
     params = per_model_params(method, from_mergekit, per_model, params, len(config.models))
     if config.seed is not None and "seed" in method.params:
         params["seed"] = config.seed

@@ -11,6 +11,7 @@ from merge3.models._io import (
     LazyStateDict,
     StateDict,
     atomic_dir,
+    check_folder_name,
     copy_model_files,
     file_sha256,
     load_state_dict,
@@ -23,6 +24,7 @@ from merge3.models._io import (
     file_in_the_way,
     plain,
     read_yaml_mapping,
+    safe_load_yaml,
     write_text_atomic,
 )
 from merge3.models._packs import PackStateDict, check_pack_base, compress_models, is_pack, pack_base, truncated_svd, weights_sha256
@@ -73,8 +75,10 @@ __all__ = [
     "truncated_svd",
     "weight_files",
     "weights_sha256",
+    "check_folder_name",
     "file_in_the_way",
     "plain",
     "read_yaml_mapping",
+    "safe_load_yaml",
     "write_text_atomic",
 ]

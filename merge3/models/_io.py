@@ -8,6 +8,7 @@ written to a temporary folder and renamed into place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -196,6 +197,8 @@ def parse_size(size: int | str) -> int:
             if not math.isfinite(value) or value < 1:
                 break  # inf, nan, zero and negative sizes are no shard size
             return int(value)
+    if re.fullmatch(r"[0-9.]+", text):
+        raise Merge3Error(f"size '{size}' has no unit: write e.g. {text}MB or {text}GB (B, KB, MB, GB, KiB, MiB, GiB)")
     raise Merge3Error(f"cannot read size '{size}': expected a positive size such as 500MB, 2GB or 1GiB")
 
 
@@ -244,8 +247,11 @@ class atomic_dir:
         self.overwrite = overwrite
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        except OSError as e:
+            raise _unwritable(self.path, e) from None
         os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any mkdir'd folder
         return self.tmp
 
@@ -275,6 +281,28 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     return next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
 
 
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_folder_name(name: str, what: str) -> str:
+    """``name`` if it can be one folder inside an output (letters, digits, '.', '_', '-'; not starting with '.' or
+    '-'), else one error line: a name from the user never reaches outside the folder it is written into.
+
+    >>> check_folder_name("ft-rot90", "--names")
+    'ft-rot90'
+    """
+    if not isinstance(name, str) or not _FOLDER_NAME.match(name):
+        raise Merge3Error(f"{what} '{name}' is not a plain folder name (letters, digits, '.', '_' and '-' only, "
+                          "starting with a letter or digit)")
+    return name
+
+
+def _unwritable(path: Path, error: OSError) -> Merge3Error:
+    """One line for an output that cannot be made (a read-only or full disk, no permission): the user's path, not
+    the temporary name beside it."""
+    return Merge3Error(f"output '{path}' cannot be written in '{path.parent}': {error.strerror or error}")
+
+
 def _check_parent(path: Path) -> None:
     """An output whose parent (or an ancestor) is a file cannot be made: say which one."""
     blocking = file_in_the_way(path.parent)
@@ -294,8 +322,11 @@ def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     _check_parent(path)
     if path.is_dir():
         raise Merge3Error(f"output '{path}' is a folder, not a file (give a file name)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise _unwritable(path, e) from None
     try:
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
@@ -332,9 +363,47 @@ def plain(value, nonfinite_as_none: bool = False):
     return value
 
 
+@functools.lru_cache(maxsize=1)
+def _yaml_loader():
+    """``yaml.SafeLoader`` that also reads ``1e-3`` and ``5e30`` as numbers (YAML 1.2, and what users of Python
+    and mergekit write), where PyYAML's YAML 1.1 rules demand a dot (``1.0e-3``) and make them strings, and that
+    refuses a mapping key given twice."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            """A key given twice is an error, not the last one silently winning (a YAML merge ``<<`` may still be
+            overridden)."""
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                                key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader
+
+
+def safe_load_yaml(text: str):
+    """``yaml.safe_load`` (no tags that build objects or run code) with YAML 1.2's exponent floats; a key given
+    twice is an error.
+
+    >>> safe_load_yaml("weight: 5e-1\ndensity: 0.5\nname: 1e")
+    {'weight': 0.5, 'density': 0.5, 'name': '1e'}
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str = "a mapping of keys",
                       empty_ok: bool = False) -> dict:
-    """The YAML file ``path`` as a dict, read safely (``yaml.safe_load``: no tags that build objects or run code),
+    """The YAML file ``path`` as a dict, read safely (:func:`safe_load_yaml`: no tags that build objects or run code),
     or one ``Merge3Error`` that calls the file ``what`` and says what is wrong with it (missing, a folder, not
     UTF-8, not YAML, not a mapping: ``expected`` says what it should hold). ``empty_ok``: an empty file is ``{}``.
 
@@ -352,7 +421,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str = "a map
     if not path.is_file():
         raise Merge3Error(f"{what} '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_yaml(path.read_text())
     except UnicodeDecodeError:
         raise Merge3Error(f"{what} '{path}' is not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as e:

@@ -166,7 +166,7 @@ def compress_models(base: str | os.PathLike, models: Mapping[str, str | os.PathL
     smaller than the matrix (a rank at or near the matrix's own, e.g. a 2-row embedding) the delta is kept whole, as
     are other float tensors (``ranks`` lists the factorised ones). A ``rank`` above every layer's rank is refused.
     """
-    from merge3.models._io import atomic_dir, copy_model_files, open_lazy
+    from merge3.models._io import atomic_dir, check_folder_name, copy_model_files, open_lazy
     from merge3.models._task_vectors import check_compatible, check_finite
 
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -177,6 +177,8 @@ def compress_models(base: str | os.PathLike, models: Mapping[str, str | os.PathL
         raise Merge3Error("give --rank or --energy, not both")
     if not models:
         raise Merge3Error("compress: give at least one fine-tuned model")
+    for name in models:
+        check_folder_name(name, "compress: task name")
     base_path = Path(base).resolve()
     base_sd = open_lazy(base_path)
     lazies = {name: open_lazy(p) for name, p in models.items()}

@@ -183,11 +183,13 @@ def build_routed(packs: Mapping[str, str | os.PathLike], out: str | os.PathLike,
     """Write a routed model over ``packs`` (task → skill-pack folder, all of one base) into ``out`` (atomically);
     each input runs with θ₀ plus the task vectors of the ``top_k`` tasks whose subspaces explain it best."""
     from merge3.models._arch import load_model
-    from merge3.models._io import atomic_dir, copy_model_files, open_lazy
+    from merge3.models._io import atomic_dir, check_folder_name, copy_model_files, open_lazy
     from merge3.models._packs import FACTORS, _read_manifest, pack_base
 
     if len(packs) < 2:
         raise Merge3Error("route: give at least two skill packs (one per task)")
+    for task in packs:
+        check_folder_name(task, "route: task name")
     check_top_k(top_k, len(packs))
     manifests = {t: _read_manifest(Path(p)) for t, p in packs.items()}
     bases = {m["base"].get("sha256") for m in manifests.values()}
@@ -215,7 +217,7 @@ def load_routed(path: str | os.PathLike, hf_class: str | None = None, device: st
                 ) -> RoutedModel:
     """A routed model folder as a ``RoutedModel`` (in eval mode)."""
     from merge3.models._arch import load_model
-    from merge3.models._io import open_lazy
+    from merge3.models._io import check_folder_name, open_lazy
     from merge3.models._packs import FACTORS
 
     path = Path(path)
@@ -233,7 +235,7 @@ def load_routed(path: str | os.PathLike, hf_class: str | None = None, device: st
     names = dict(module.named_parameters()) | dict(module.named_buffers())
     weights, subspaces = [], []
     for task in routing["tasks"]:
-        pack = path / "packs" / task
+        pack = path / "packs" / check_folder_name(task, f"routed model '{path}': {ROUTING_FILE} task")
         if not pack.is_dir():
             raise Merge3Error(f"routed model '{path}': the pack of task '{task}' is missing ({pack})")
         state = open_lazy(pack)

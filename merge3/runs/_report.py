@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from merge3._errors import Merge3Error
 from merge3.methods import has_row_blocks, mean_weight
 from merge3.models import write_text_atomic
 from merge3.search import Evaluation, rank_key
@@ -170,7 +171,11 @@ def write_report(run_dir: str | Path) -> Path:
     """
     run = Run.open(run_dir)
     config, meta = run.config, run.meta
-    records = [r for r in run.records() if r.error is None]
+    every = run.records()
+    if not every and (run.path / "report.html").exists():  # e.g. a cut first line: keep the report that was made
+        raise Merge3Error(f"run '{run.path}' has no readable evaluation in {run.path / 'evaluations.jsonl'}: "
+                          "its report.html is kept as it is")
+    records = [r for r in every if r.error is None]
     verified = run.verified()
     names = meta.get("objective_names") or config.get("objectives", ["mean"])  # 'per_task' expands to tasks
     endpoint_names = config["models"].get("names") or [Path(p).name for p in config["models"]["endpoints"]]

@@ -30,31 +30,32 @@ import yaml
 
 from merge3 import __version__
 from merge3._errors import Merge3Error
-from merge3.models import file_in_the_way, plain, write_text_atomic
+from merge3.models import check_folder_name, file_in_the_way, plain, safe_load_yaml, write_text_atomic
 from merge3.runs._lock import RunLock
 from merge3.search import Evaluation, latest
 
 EVALUATIONS = "evaluations.jsonl"
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def new_run_folder(runs_dir: str | os.PathLike, name: str, resume: str) -> tuple[Path, bool]:
     """Make ``runs_dir/name`` as a new, empty run folder (a name is never reused) and return it, with whether
     ``runs_dir`` itself was made too. ``resume``: the command that continues an existing run of that name."""
-    if not _SAFE_NAME.match(name):
-        raise Merge3Error(f"run name '{name}' may only use letters, digits, '.', '_' and '-'")
+    check_folder_name(name, "run name")
     runs_dir = Path(runs_dir)
     blocking = file_in_the_way(runs_dir)
     if blocking is not None:
         raise Merge3Error(f"--runs-dir '{runs_dir}': '{blocking}' is a file, not a folder")
     made_runs_dir = not runs_dir.exists()
-    runs_dir.mkdir(parents=True, exist_ok=True)
     path = runs_dir / name
     try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
         path.mkdir()
     except FileExistsError:
         raise Merge3Error(f"run '{path}' already exists: resume it with `{resume} {path}` "
                           "or choose another --name") from None
+    except OSError as e:
+        raise Merge3Error(f"--runs-dir '{runs_dir}': cannot make the run folder '{name}' there: "
+                          f"{e.strerror or e}") from None
     return path, made_runs_dir
 
 
@@ -124,7 +125,7 @@ class Run:
     # ---- metadata ------------------------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        config = _read_mapping(self.path / "config.yaml", yaml.safe_load, "a merge3 run config")
+        config = _read_mapping(self.path / "config.yaml", safe_load_yaml, "a merge3 run config")
         if "models" not in config or "bank" not in config:
             raise Merge3Error(f"{self.path / 'config.yaml'}: not a merge3 run config (no models/bank)")
         return config

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from merge3._config import StrictConfig
+from merge3._config import Seed, StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank import ONLINE_ESTIMATORS
 from merge3.models import read_yaml_mapping
@@ -31,6 +31,9 @@ class ModelsConfig(StrictConfig):
     def _names_match(self):
         if self.names is not None and len(self.names) != len(self.endpoints):
             raise ValueError(f"names has {len(self.names)} entries for {len(self.endpoints)} endpoints")
+        twice = next((n for n in self.names or [] if self.names.count(n) > 1), None)
+        if twice is not None:
+            raise ValueError(f"names gives '{twice}' twice: one distinct name per endpoint")
         return self
 
     def endpoint_names(self) -> list[str]:
@@ -200,7 +203,7 @@ class SearchSpace(StrictConfig):
     """
 
     name: str = "search"
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     device: str = "auto"
     models: ModelsConfig
     bank: BankConfig
