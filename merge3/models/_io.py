@@ -393,7 +393,7 @@ def safe_load_yaml(text: str):
     """``yaml.safe_load`` (no tags that build objects or run code) with YAML 1.2's exponent floats; a key given
     twice is an error.
 
-    >>> safe_load_yaml("weight: 5e-1\ndensity: 0.5\nname: 1e")
+    >>> safe_load_yaml("weight: 5e-1\\ndensity: 0.5\\nname: 1e")
     {'weight': 0.5, 'density': 0.5, 'name': '1e'}
     """
     import yaml
