@@ -84,6 +84,17 @@ STRATEGIES = {
                                                            "promotion": {**PROMOTE2, "engine_sees": "first"}}),
     "fresh-cv-promo-first": ("cv-irt", 20, "random", {"items": "fresh", "promotion": {"top_k": 2, "factor": 3,
                                                                                        "rungs": 1, "engine_sees": "first"}}),
+    "fresh-cv10-promo-first-soft2": ("cv-irt", 10, "random", {"items": "fresh", "soft": 2.0,
+                                                               "promotion": {**PROMOTE2, "engine_sees": "first"}}),
+    "fresh-cv-promo-first-soft2": ("cv-irt", 20, "random", {"items": "fresh", "soft": 2.0,
+                                                             "promotion": {"top_k": 2, "factor": 3, "rungs": 1,
+                                                                           "engine_sees": "first"}}),
+    "weighted-cv-promo-first-soft2": ("cv-irt", 20, "random", {"items": "fresh", "sampling": "uncertainty", "soft": 2.0,
+                                                                "promotion": {"top_k": 2, "factor": 3, "rungs": 1,
+                                                                              "engine_sees": "first"}}),
+    "fixed-naive-soft2": ("naive", 20, "random", {"soft": 2.0}),
+    "fixed-naive10": ("naive", 10, "random", {}),
+    "fixed-naive10-soft2": ("naive", 10, "random", {"soft": 2.0}),
 }
 DEFAULT_STRATEGIES = ["full", "fixed-naive", "fixed-gp", "fresh-naive", "fresh-cv", "fresh-naive10-promo",
                       "fresh-cv10-promo", "fresh-cv10-promo-recal", "adaptive-p-promo"]

@@ -146,6 +146,48 @@ def test_fresh_items_change_every_generation_and_are_shared_within_one(calibrate
     assert all(r.se["mean"] > 0 for r in outcome.run.records())
 
 
+def test_soft_scores_are_recorded_per_answer_and_only_change_what_the_engine_ranks_by(calibrated_zoo, tmp_path):
+    fitness = {"items": "fresh", "promotion": {"top_k": 2, "factor": 3, "engine_sees": "first"}}
+    soft = merge3.search(space(calibrated_zoo, {**fitness, "soft": 2.0}), runs_dir=tmp_path, name="soft",
+                         progress=False)
+    plain = merge3.search(space(calibrated_zoo, fitness), runs_dir=tmp_path, name="plain", progress=False)
+    lines = soft.run.records(every_rung=True)
+    for r in lines:
+        rows, correct = r.answered()
+        p = np.asarray(r.answers["soft"])
+        assert p.shape == rows.shape and ((0 <= p) & (p <= 1)).all(), "one soft score per answer, a probability"
+        assert (p[correct == 1] >= 0.1 - 1e-9).all() and (p[correct == 0] <= 0.5 + 1e-9).all(), \
+            "a right answer is the most likely of 10 classes, a wrong one is not"
+        assert r.details["soft"] == pytest.approx(np.mean([p[calibrated_zoo_tasks(r, soft) == t].mean()
+                                                           for t in np.unique(calibrated_zoo_tasks(r, soft))]))
+    first = {r.candidate: r.details["soft"] for r in lines if r.rung == 0}
+    promoted = [r for r in lines if r.rung == 1]
+    assert promoted and all(r.details["soft_first"] == first[r.candidate] for r in promoted), \
+        "the engine sees the first items' soft score"
+    gen0 = lambda run: [(r.index, r.scores) for r in run.run.records() if r.generation == 0 and r.rung == 0]  # noqa: E731
+    assert gen0(soft) == gen0(plain), "estimates stay on 0/1 answers: generation 0 (same genomes) is unchanged"
+    # what the engine is told: −(mean + 2 × soft score), at the fidelity it sees; other objectives get nothing
+    from types import SimpleNamespace
+
+    from merge3.search._loop import Objectives, Search
+
+    loop = Search.__new__(Search)
+    tasks = list(calibrated_zoo.finetuned)
+    loop.fitness = SimpleNamespace(rank_soft=2.0, rank_z=0.0, engine_sees_first=True)
+    loop.objectives = Objectives(["mean"], tasks)
+    rung0 = next(r for r in lines if r.rung == 0)
+    assert loop._told(rung0) == pytest.approx([-(rung0.objectives[0] + 2.0 * rung0.details["soft"])])
+    top = promoted[0]
+    assert loop._told(top) == pytest.approx([-(top.first_objectives[0] + 2.0 * top.details["soft_first"])])
+    loop.objectives = Objectives(["per_task"], tasks)
+    assert loop._told(rung0) == pytest.approx([-v for v in rung0.objectives]), "no soft bonus off 'mean'"
+
+
+def calibrated_zoo_tasks(record, outcome) -> np.ndarray:
+    bank = ItemBank.load(outcome.run.config["bank"]["path"])
+    return bank.task_of[record.answered()[0]]
+
+
 def test_promotion_never_lets_a_first_fidelity_estimate_become_the_best(calibrated_zoo, tmp_path):
     fitness = {"items": "fresh", "promotion": {"top_k": 2, "factor": 3, "rungs": 2}}
     outcome = merge3.search(space(calibrated_zoo, fitness), runs_dir=tmp_path, name="promo", progress=False)
@@ -208,7 +250,8 @@ def test_bad_fitness_options_fail_before_any_run_exists(digits_zoo, tmp_path, fi
 
 
 def test_sigkill_then_resume_replays_fresh_promoted_and_recalibrated_items_exactly(calibrated_zoo, tmp_path):
-    fitness = {"items": "fresh", "promotion": {"top_k": 2, "rungs": 1}, "recalibrate": {"every": 1, "em_rounds": 2}}
+    fitness = {"items": "fresh", "promotion": {"top_k": 2, "rungs": 1}, "recalibrate": {"every": 1, "em_rounds": 2},
+               "soft": 1.0}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space(calibrated_zoo, fitness, generations=4)))
     whole = _cli("search", path, "--runs-dir", tmp_path, "--name", "whole", "--quiet")

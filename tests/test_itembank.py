@@ -53,6 +53,17 @@ def test_classifier_with_frozen_heads_hand_checked(tmp_path):
     assert bank.per_task_accuracy(np.array([1, 0, 1, 1, 1])) == {"a": pytest.approx(2 / 3), "b": 1.0}
 
 
+def test_classifier_confidence_is_the_softmax_probability_of_the_right_class_hand_checked(tmp_path):
+    bank = classifier_bank(tmp_path)
+    evaluator = make_evaluator(bank)
+    correct, p = evaluator.confidence(Identity(), np.array([2, 0, 4]))
+    # item a2: logits (2, 1), answer 0 → e²/(e²+e); a0: (1, 0), answer 0; b1 through the swapped head: (1, 0), answer 0
+    assert correct.tolist() == evaluator(Identity(), np.array([2, 0, 4])).tolist() == [True, True, True]
+    assert p == pytest.approx([np.exp(1) / (np.exp(1) + 1), np.exp(1) / (np.exp(1) + 1), np.exp(1) / (np.exp(1) + 1)])
+    wrong, q = evaluator.confidence(lambda x: -x, np.array([2]))
+    assert wrong.tolist() == [False] and q == pytest.approx([1 / (1 + np.exp(1))])
+
+
 def test_bank_round_trip_and_yaml_is_plain(tmp_path):
     bank = classifier_bank(tmp_path)
     again = ItemBank.load(bank.path)

@@ -82,6 +82,15 @@ def test_mixed_bank_hand_checked(tmp_path, tiny):
     assert evaluator(model, np.array([6, 1, 4])).tolist() == [False, True, True]  # aligned with the indices
     assert evaluator.completions(model, np.array([4, 5, 6])) == ["animal", "city", "number"]
     assert bank.per_task_accuracy(evaluator(model)) == {"mc": 0.75, "gen": pytest.approx(2 / 3)}
+    # soft scores: a choice item's right-choice share of the likelihoods, a generation item's 0/1
+    correct, soft = evaluator.confidence(model)
+    assert correct.tolist() == evaluator(model).tolist()
+    formats = np.array([r["format"] for r in MIXED])
+    mc_rows = np.flatnonzero(formats == "multiple_choice")
+    scores = evaluator.loglikelihoods(model, mc_rows)
+    shares = [float(torch.softmax(torch.tensor(s), 0)[int(MIXED[i]["answer"])]) for s, i in zip(scores, mc_rows)]
+    assert soft[mc_rows] == pytest.approx(shares, abs=1e-6)
+    assert soft[formats == "generation"].tolist() == correct[formats == "generation"].astype(float).tolist()
 
 
 def reference_scores(model, tok, prompt, choices):

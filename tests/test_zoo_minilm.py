@@ -83,6 +83,10 @@ def test_text_evaluator_on_hand_checked_items(tmp_path, word_tokenizer):
     assert bank.per_task_accuracy(evaluator(model)) == {"sentiment": 0.75, "reversed": 0.5}
     # the pooled embedding of "good movie" is [CLS] good movie [SEP] -> mean [1/4, 0] -> normalised [1, 0]
     assert torch.allclose(evaluator.embeddings(model, np.array([0])), torch.tensor([[1.0, 0.0]]))
+    # soft scores: "good movie" embeds as [1, 0], the sentiment head gives logits (1, 0), answer 0 → e/(e+1)
+    correct, soft = evaluator.confidence(model, np.array([0, 3]))
+    assert correct.tolist() == [True, False]
+    assert soft[0] == pytest.approx(np.e / (np.e + 1)) and soft[1] < 0.5
     raw = make_evaluator(_stub_bank(tmp_path / "raw", word_tokenizer, normalize=False)).embeddings(model, np.array([0, 2]))
     assert torch.allclose(raw, torch.tensor([[1 / 4, 0.0], [3 / 8, 1 / 8]]))
 

@@ -60,16 +60,13 @@ class ClassifierEvaluator:
         for task, (weight, _) in self.heads.items():
             _check_answers(bank, task, weight.shape[0])
 
-    @torch.inference_mode()
-    def predict(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
-        """The predicted class of every item in ``indices`` (through its task's head when the bank has heads)."""
-        indices = _all(self.bank, indices)
-        predicted = np.zeros(len(indices), dtype=np.int64)
+    def _task_logits(self, model: nn.Module, indices: np.ndarray):
+        """(positions in ``indices``, class logits) per task: through the task's head when the bank has heads."""
         tasks = self.bank.task_of[indices]
         for task in np.unique(tasks):
             where = np.flatnonzero(tasks == task)
             rows = torch.as_tensor(indices[where], device=self.device)
-            preds = []
+            chunks = []
             for chunk in rows.split(self.batch_size):
                 out = self._forward(model, self.inputs[chunk]).float()
                 if self.heads:
@@ -79,13 +76,31 @@ class ClassifierEvaluator:
                                           f"({self.bank.spec.evaluator.heads[task]}) takes {weight.shape[1]} features; "
                                           f"the model gives {out.shape[-1]}")
                     out = out @ weight.T + bias
-                preds.append(out.argmax(-1))
-            predicted[where] = torch.cat(preds).cpu().numpy()
+                chunks.append(out)
+            yield where, torch.cat(chunks)
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        """The predicted class of every item in ``indices`` (through its task's head when the bank has heads)."""
+        indices = _all(self.bank, indices)
+        predicted = np.zeros(len(indices), dtype=np.int64)
+        for where, logits in self._task_logits(model, indices):
+            predicted[where] = logits.argmax(-1).cpu().numpy()
         return predicted
+
+    @torch.inference_mode()
+    def confidence(self, model: nn.Module, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(right?, the probability the model gives the right class) of every item in ``indices``."""
+        indices = _all(self.bank, indices)
+        correct, p_right = np.zeros(len(indices), dtype=bool), np.zeros(len(indices))
+        for where, logits in self._task_logits(model, indices):
+            correct[where], p_right[where] = _right_and_probability(logits, self.answers[indices[where]])
+        return correct, p_right
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         indices = _all(self.bank, indices)
         return self.predict(model, indices) == self.answers[indices]
+
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -93,6 +108,13 @@ class ClassifierEvaluator:
         except RuntimeError as e:  # shapes that do not fit: the bank's inputs are not this model's
             raise Merge3Error(f"item bank '{self.bank.path}': the model cannot take its items' 'input' "
                               f"({x.shape[-1]} values each): {str(e).splitlines()[0]}") from None
+
+
+def _right_and_probability(logits: torch.Tensor, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: is the argmax the answer, and the softmax probability of the answer (a soft score of the item)."""
+    right = torch.as_tensor(answers, device=logits.device)
+    p = torch.softmax(logits.float(), -1)[torch.arange(len(answers), device=logits.device), right]
+    return (logits.argmax(-1) == right).cpu().numpy(), p.cpu().numpy().astype(np.float64)
 
 
 def _input_matrix(bank: ItemBank) -> np.ndarray:
@@ -233,14 +255,28 @@ class TextClassifierEvaluator:
         predicted = np.zeros(len(indices), dtype=np.int64)
         if len(indices) == 0:
             return predicted
+        for where, logits in self._task_logits(model, indices):
+            predicted[where] = logits.argmax(-1).cpu().numpy()
+        return predicted
+
+    def _task_logits(self, model: nn.Module, indices: np.ndarray):
+        """(positions in ``indices``, head logits) per task."""
         emb = self.embeddings(model, indices)
         tasks = self.bank.task_of[indices]
         for task in np.unique(tasks):
             where = np.flatnonzero(tasks == task)
             weight, bias = self.heads[task]
-            logits = emb[torch.as_tensor(where, device=emb.device)] @ weight.T + bias
-            predicted[where] = logits.argmax(-1).cpu().numpy()
-        return predicted
+            yield where, emb[torch.as_tensor(where, device=emb.device)] @ weight.T + bias
+
+    @torch.inference_mode()
+    def confidence(self, model: nn.Module, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(right?, the probability the head gives the right class) of every item in ``indices``."""
+        indices = _all(self.bank, indices)
+        correct, p_right = np.zeros(len(indices), dtype=bool), np.zeros(len(indices))
+        if len(indices):
+            for where, logits in self._task_logits(model, indices):
+                correct[where], p_right[where] = _right_and_probability(logits, self.answers[indices[where]])
+        return correct, p_right
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         indices = _all(self.bank, indices)
@@ -530,10 +566,20 @@ class MultipleChoiceEvaluator(_CausalLMItems):
         super().__init__(bank, tokenizer, device, bank.spec.evaluator.batch_size)
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        return self.confidence(model, indices)[0]
+
+    def confidence(self, model: nn.Module, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(right?, the right choice's share of the choices' likelihoods) of every item in ``indices``."""
         indices = _all(self.bank, indices)
-        scores = self.loglikelihoods(model, indices)
         answers = self.bank.items["answer"].to_numpy()[indices].astype(int)
-        return np.array([int(np.argmax(s)) == a for s, a in zip(scores, answers)], dtype=bool)
+        return _choice_confidence(self.loglikelihoods(model, indices), answers)
+
+
+def _choice_confidence(scores: Sequence[Sequence[float]], answers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: is the best-scored choice the answer, and the answer's softmax share over the choices' Σ log p."""
+    correct = np.array([int(np.argmax(s)) == int(a) for s, a in zip(scores, answers)], dtype=bool)
+    share = [float(torch.softmax(torch.tensor(s, dtype=torch.float64), 0)[int(a)]) for s, a in zip(scores, answers)]
+    return correct, np.array(share, dtype=np.float64)
 
 
 class GenerationEvaluator(_CausalLMItems):
@@ -577,18 +623,24 @@ class CausalLMEvaluator(_CausalLMItems):
         return self.spec.generation_for(str(self.bank.task_of[row]))
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
+        return self.confidence(model, indices)[0]
+
+    def confidence(self, model: nn.Module, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(right?, soft score) of every item: a multiple-choice item's right-choice share of the likelihoods, a
+        generation item's exact match (0 or 1: greedy text has no softer score)."""
         indices = _all(self.bank, indices)
-        correct = np.zeros(len(indices), dtype=bool)
+        correct, p_right = np.zeros(len(indices), dtype=bool), np.zeros(len(indices))
         mc = np.flatnonzero(self.formats[indices] == "multiple_choice")
         if mc.size:
             scores = self.loglikelihoods(model, indices[mc])
-            correct[mc] = [int(np.argmax(s)) == int(self.answers[i]) for s, i in zip(scores, indices[mc])]
+            correct[mc], p_right[mc] = _choice_confidence(scores, [int(self.answers[i]) for i in indices[mc]])
         gen = np.flatnonzero(self.formats[indices] == "generation")
         if gen.size:
             texts = self.completions(model, indices[gen])
             correct[gen] = [generation_correct(t, self.answers[i], self._generation_of(int(i))[2])
                             for t, i in zip(texts, indices[gen])]
-        return correct
+            p_right[gen] = correct[gen]
+        return correct, p_right
 
 
 def make_evaluator(bank: ItemBank, device: str | torch.device = "cpu", tokenizer_from: str | os.PathLike | None = None) -> Evaluator:

@@ -13,6 +13,7 @@ import numpy as np
 class EvalRequest:
     """One candidate for a worker: build ``plan`` into the resident model, then answer ``items`` (bank row
     positions; None = every search item), or, with ``adaptive``, choose its items itself (adaptive testing).
+    ``soft``: also record each answer's soft score (the probability the model gives the right answer).
 
     >>> EvalRequest([{"group": "all", "method": "task_arithmetic", "params": {"weights": [0.5]}}], items=(0, 3)).items
     (0, 3)
@@ -21,6 +22,7 @@ class EvalRequest:
     plan: list[dict]
     items: tuple[int, ...] | None = None
     adaptive: Any = None
+    soft: bool = False
 
 
 @dataclass
@@ -28,7 +30,8 @@ class CandidateResult:
     """Per-task accuracy (estimated, or exact on the items answered) of one candidate merge and what it cost.
 
     ``answers`` holds the bank rows the candidate answered and whether each was right (``{"items": [...],
-    "correct": [0/1 ...]}``), so every estimate can be recomputed later. A worker fills ``scores`` with the mean of
+    "correct": [0/1 ...]}``, and ``"soft"``: the probability of the right answer, when asked), so every estimate can
+    be recomputed later. A worker fills ``scores`` with the mean of
     its answers per task; the search's fitness replaces them with its estimate and ``se`` with its standard error.
     ``items_evaluated`` counts the items answered; ``error`` is set, and ``scores`` empty, when the evaluation failed.
     """
@@ -55,6 +58,11 @@ class CandidateResult:
         """(bank rows, 0/1 correctness) of every item this candidate answered."""
         return (np.asarray(self.answers.get("items", []), dtype=np.int64),
                 np.asarray(self.answers.get("correct", []), dtype=np.int8))
+
+    def soft_answers(self) -> np.ndarray | None:
+        """The soft score of every answer (aligned with :meth:`answered`), or None when they were not asked for."""
+        soft = self.answers.get("soft")
+        return None if soft is None else np.asarray(soft, dtype=np.float64)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "mean": None if not self.scores else self.mean}

@@ -165,17 +165,31 @@ class MergeWorkload:
         _check_finite_merge(self.destination)
         built = time.perf_counter()
         answer = lambda rows: np.asarray(self.evaluator(self.module, rows), dtype=np.int8)  # noqa: E731
+        soft = None
         if request.adaptive is not None:
             items, correct = request.adaptive.run(answer)
         else:
             items = self.search_items if request.items is None else np.asarray(request.items, dtype=np.int64)
-            correct = answer(items)
+            if request.soft:
+                correct, soft = self._confidence(items)
+            else:
+                correct = answer(items)
         items, correct = np.asarray(items, dtype=np.int64), np.asarray(correct, dtype=np.int8)
+        answers = {"items": items.tolist(), "correct": correct.tolist()}
+        if soft is not None:
+            answers["soft"] = [round(float(p), 6) for p in soft]  # 6 digits: the record stays small
         return CandidateResult(
             scores=self.bank.per_task_accuracy(correct, items), items_evaluated=int(items.size),
-            build_seconds=built - started, eval_seconds=time.perf_counter() - built,
-            answers={"items": items.tolist(), "correct": correct.tolist()},
+            build_seconds=built - started, eval_seconds=time.perf_counter() - built, answers=answers,
         )
+
+    def _confidence(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(correct, soft score) per item; an evaluator with no soft score (pure generation) scores 0/1."""
+        confidence = getattr(self.evaluator, "confidence", None)
+        if confidence is None:
+            correct = np.asarray(self.evaluator(self.module, items), dtype=bool)
+            return correct, correct.astype(np.float64)
+        return confidence(self.module, items)
 
 
 def _destination(module: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,10 @@ Strategies (``bank.fitness`` in a search space, combinable):
 - ``promotion`` — the best candidates of each generation answer more items before they may become the run's best.
 - ``recalibrate`` — the IRT model is refitted on all answers every G generations, warm-started.
 - ``select_by: lower_bound`` — the engine ranks by estimate − z·SE.
+- ``soft: w`` — every answer also records the probability the model gives the right answer; the engine ranks by
+  the ``mean`` estimate + w × that probability averaged over the candidate's first items (candidates of a
+  generation answer the same items, and a soft score tells near-identical candidates apart on fewer items than
+  0/1 answers do: ``bench/soft_ranking.py``). Estimates, standard errors, promotion and the run's best stay 0/1.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class CheapFitness:
         self.final_rung = 0 if self.promotion is None else self.promotion.rungs
         self.rank_z = fitness.z if fitness.select_by == "lower_bound" else 0.0  # engines rank estimate − z·SE
         self.engine_sees_first = self.promotion is not None and self.promotion.engine_sees == "first"
+        self.rank_soft = float(fitness.soft or 0.0)  # the engine ranks 'mean' + rank_soft × the first items' soft score
         self.answers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.incumbent = -math.inf
         self.refits: list[dict] = []
@@ -118,6 +123,8 @@ class CheapFitness:
             extras.append(f"growing to {fitness.grow:g}× items by the last generation")
         if fitness.recalibrate is not None:
             extras.append(f"recalibrated every {fitness.recalibrate.every} generation(s)")
+        if self.rank_soft:
+            extras.append(f"ranked with {self.rank_soft:g} × the soft score")
         self.name = f"{self.method}, {self.n} items per task, " + ", ".join(extras)
 
     # ---- which items ------------------------------------------------------------------------------------------
@@ -148,7 +155,7 @@ class CheapFitness:
         else:
             local = self._fixed_local
         items = tuple(int(r) for r in self.search[local])
-        return [EvalRequest(plan, items=items) for plan in plans]
+        return [EvalRequest(plan, items=items, soft=bool(self.rank_soft)) for plan in plans]
 
     def items_at(self, generation: int) -> int:
         """Fresh items per task in ``generation``: items_per_task, grown geometrically to grow× by the last one."""
@@ -201,10 +208,15 @@ class CheapFitness:
         if not result.ok:
             return result
         rows, correct = result.answered()
+        soft = result.soft_answers()
         if previous is not None:  # a promotion: the estimate uses every item the candidate has answered
             before_rows, before_correct = previous.answered()
             rows, correct = np.concatenate([before_rows, rows]), np.concatenate([before_correct, correct])
             result.answers = {"items": rows.tolist(), "correct": correct.tolist()}
+            before_soft = previous.answers.get("soft")
+            if soft is not None and before_soft is not None:
+                soft = np.concatenate([np.asarray(before_soft, dtype=np.float64), soft])
+                result.answers["soft"] = soft.tolist()
             result.items_evaluated = int(rows.size)
             result.build_seconds += previous.build_seconds
             result.eval_seconds += previous.eval_seconds
@@ -223,11 +235,20 @@ class CheapFitness:
                     inclusion[pool] = first[pool] + (1 - first[pool]) * uniform
             inclusion = inclusion[local]
         estimate = self._estimate(local, correct, inclusion)
+        if soft is not None:  # what the engine ranks by (with rank_soft): the first items' soft score, kept per rung
+            first = (previous.details or {}).get("soft_first") if previous is not None else None
+            result.details["soft"] = self._soft_mean(local, soft)
+            result.details["soft_first"] = result.details["soft"] if first is None else first
         result.scores = estimate.per_task
         result.se = {**estimate.se, "mean": estimate.se_mean}
         if estimate.theta is not None:
             result.details["theta"] = [float(v) for v in estimate.theta]
         return result
+
+    def _soft_mean(self, local: np.ndarray, soft: np.ndarray) -> float:
+        """The soft score averaged per task, then over tasks (as the mean accuracy is)."""
+        tasks = self.tasks[local]
+        return float(np.mean([soft[tasks == t].mean() for t in self.bank.tasks if (tasks == t).any()]))
 
     def _estimate(self, local: np.ndarray, correct: np.ndarray, inclusion: np.ndarray | None = None):
         if self.estimator is None:  # an uncalibrated bank: the plain mean
@@ -266,7 +287,8 @@ class CheapFitness:
             more = self._random_unanswered((generation, record.index, rung),
                                            {t: max(0, target - have[t]) for t in self.bank.tasks}, local)
             if more.size:
-                out.append((record.index, EvalRequest(record.plan, items=tuple(int(r) for r in self.search[more]))))
+                out.append((record.index, EvalRequest(record.plan, items=tuple(int(r) for r in self.search[more]),
+                                                      soft=bool(self.rank_soft))))
         return out
 
     # ---- every answer joins the response matrix; refits ----------------------------------------------------

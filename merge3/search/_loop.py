@@ -289,11 +289,22 @@ class Search:
         errors = (record.first_objective_se if first else record.objective_se) or [float("nan")] * len(objectives)
         if record.violation > 0:  # infeasible: behind every feasible candidate, the least violation first
             return [INFEASIBLE + record.violation if np.isfinite(v) else WORST for v in objectives]
+        soft = self._soft_bonus(record, first)
         values = []
-        for v, se in zip(objectives, errors):
+        for k, (v, se) in enumerate(zip(objectives, errors)):
             penalty = z * se if z and se is not None and np.isfinite(se) else 0.0
-            values.append(-(v - penalty) if np.isfinite(v) else WORST)
+            values.append(-(v - penalty + soft[k]) if np.isfinite(v) else WORST)
         return values
+
+    def _soft_bonus(self, record: Evaluation, first: bool) -> list[float]:
+        """``bank.fitness.soft``: w × the candidate's soft score, added to what the engine ranks by for 'mean' only
+        (at the fidelity the engine sees); nothing for other objectives or without soft scores."""
+        weight = getattr(self.fitness, "rank_soft", 0.0)
+        soft = (record.details or {}).get("soft_first" if first else "soft")
+        bonus = [0.0] * len(self.objectives.names)
+        if weight and soft is not None and "mean" in self.objectives.names:
+            bonus[self.objectives.names.index("mean")] = weight * float(soft)
+        return bonus
 
     def _evaluate(self, generation: int, genomes: list[dict], lines: list[Evaluation]) -> list[Evaluation]:
         batch: list[Evaluation | None] = [None] * len(genomes)

@@ -97,6 +97,10 @@ class FitnessConfig(StrictConfig):
     select_by: Literal["estimate", "lower_bound"] = Field(
         "estimate", description="what the engine ranks: the estimate, or estimate − z·SE")
     z: float = Field(1.0, gt=0)
+    soft: float | None = Field(None, gt=0, le=100, description=(
+        "the engine ranks by the 'mean' estimate + soft × the mean probability the candidate gives the right "
+        "answers on its items (a soft score: less noisy on few items than 0/1); estimates, promotion and the run's "
+        "best stay on 0/1 answers"))
 
 
 class BankConfig(StrictConfig):
@@ -115,6 +119,8 @@ class BankConfig(StrictConfig):
         if self.fitness.sampling == "uncertainty" and (self.fitness.items != "fresh" or self.estimator != "cv-irt"):
             raise ValueError("fitness.sampling 'uncertainty' draws fresh items by weight: it needs items: fresh and "
                              "estimator: cv-irt (which weighs each answer by its chance of being drawn)")
+        if self.fitness.soft is not None and self.fitness.items == "adaptive":
+            raise ValueError("fitness.soft ranks candidates that answered the same items: use items fixed or fresh")
         if self.fitness.items == "adaptive" and self.estimator in ("naive", "full"):
             raise ValueError(f"fitness.items 'adaptive' needs an IRT estimator, not '{self.estimator}' (the naive mean "
                              "of adaptively chosen items is biased)")
