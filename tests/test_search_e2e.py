@@ -148,6 +148,7 @@ def test_demo_space_with_cheap_fitness_end_to_end(calibrated_zoo, tmp_path):
     promoted = [r for r in records if r.rung == 1]
     assert all(r.items_evaluated == 100 for r in first), "20 fresh items per task × 5 tasks"
     assert len(promoted) == 2 * 3 and all(r.items_evaluated == 300 for r in promoted), "top 2 answer 3× more"
+    assert all(len(r.answers["soft"]) == r.items_evaluated for r in records), "the demo ranks with soft scores"
     assert outcome.best.rung == 1, "only a promoted candidate may be the run's best"
     meta = outcome.run.meta
     # records() holds each candidate's latest record, whose items are cumulative: a promoted one answered 100 + 200
