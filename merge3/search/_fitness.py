@@ -237,18 +237,13 @@ class CheapFitness:
         estimate = self._estimate(local, correct, inclusion)
         if soft is not None:  # what the engine ranks by (with rank_soft): the first items' soft score, kept per rung
             first = (previous.details or {}).get("soft_first") if previous is not None else None
-            result.details["soft"] = self._soft_mean(local, soft)
+            result.details["soft"] = naive_estimate(self.tasks[local], soft, self.task_sizes).mean  # as accuracy is
             result.details["soft_first"] = result.details["soft"] if first is None else first
         result.scores = estimate.per_task
         result.se = {**estimate.se, "mean": estimate.se_mean}
         if estimate.theta is not None:
             result.details["theta"] = [float(v) for v in estimate.theta]
         return result
-
-    def _soft_mean(self, local: np.ndarray, soft: np.ndarray) -> float:
-        """The soft score averaged per task, then over tasks (as the mean accuracy is)."""
-        tasks = self.tasks[local]
-        return float(np.mean([soft[tasks == t].mean() for t in self.bank.tasks if (tasks == t).any()]))
 
     def _estimate(self, local: np.ndarray, correct: np.ndarray, inclusion: np.ndarray | None = None):
         if self.estimator is None:  # an uncalibrated bank: the plain mean
