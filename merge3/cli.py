@@ -436,9 +436,9 @@ def _distinct_names(text: str | None, paths, what: str) -> list[str]:
     """``--names a,b`` (one distinct, non-empty name per path), or the paths' folder names."""
     names = text.split(",") if text else [Path(p).name for p in paths]
     wanted = f"--names: give one distinct name per {what} ({len(paths)})"
-    if len(names) != len(paths) or not all(n.strip() for n in names):
-        raise Merge3Error(f"{wanted}, got {len(names)} in {text!r}" + ("" if all(n.strip() for n in names) else
-                                                                      " (one is empty)"))
+    empty = not all(n.strip() for n in names)
+    if len(names) != len(paths) or empty:
+        raise Merge3Error(f"{wanted}, got {len(names)} in {text!r}" + (" (one is empty)" if empty else ""))
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:
         raise Merge3Error(f"{wanted}: '{twice}' comes twice" + ("" if text else " (as a folder name)"))
