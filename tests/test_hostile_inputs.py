@@ -900,7 +900,7 @@ RUNS = [
     C("verify-top-0", "verify @run --top 0", "--top", "'0'"),
     C("export-rank-0", "export @run --out out --rank 0", "--rank 0 is out of range: ranks start at 1"),
     C("export-rank-negative", "export @run --out out --rank -1", "--rank -1 is out of range"),
-    C("export-rank-999", "export @run --out out --rank 999", "--rank 999 is out of range", "has 8 candidate(s)"),
+    C("export-rank-999", "export @run --out out --rank 999", "--rank 999 is out of range", "has 12 candidate(s)"),  # 8 recipes, then 4
     C("export-out-exists-non-empty", "export @run --out mine", "'mine' already exists and is not empty",
       files={"mine/keep.txt": "mine"}),
     C("export-out-is-a-file", "export @run --out mine.txt", "'mine.txt' is a file", files={"mine.txt": "notes"}),
@@ -954,6 +954,11 @@ def _popen(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> sub
                             text=True, env={**ENV, **(env or {})}, cwd=cwd)
 
 
+def _candidates(generations: int) -> int:
+    """What the 4-candidate space evaluates: its 8 uniform recipes in generation 0, then 4 per generation."""
+    return 8 + 4 * (generations - 1)
+
+
 def _keys(run: Path) -> list[tuple]:
     lines = (run / "evaluations.jsonl").read_text().splitlines()
     return [(r["generation"], r["index"], r.get("rung", 0)) for r in map(json.loads, lines)]
@@ -979,7 +984,7 @@ def test_two_writers_one_run(assets, runner, tmp_path):
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     keys = _keys(run)
-    assert len(keys) == len(set(keys)) == 4 * 40, "no (generation, index, rung) recorded twice"
+    assert len(keys) == len(set(keys)) == _candidates(40), "no (generation, index, rung) recorded twice"
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert (run / ".lock").read_text() == ""
     _no_temporaries(tmp_path)
@@ -993,12 +998,12 @@ def test_sigkill_then_resume_takes_the_lock_over(assets, runner, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert json.loads((run / ".lock").read_text())["pid"] == proc.pid, "a dead writer leaves its name in the lock"
-    assert len(_keys(run)) < 4 * 30, "the kill landed mid-run"
+    assert len(_keys(run)) < _candidates(30), "the kill landed mid-run"
     out = runner(["resume", "runs/killed", "--quiet"], tmp_path, {})
     assert out.returncode == 0, out.stderr
     assert f"took over the lock of pid {proc.pid}" in (run / "log.txt").read_text()
     keys = _keys(run)
-    assert len(keys) == len(set(keys)) == 4 * 30
+    assert len(keys) == len(set(keys)) == _candidates(30)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     _no_temporaries(tmp_path)
 
@@ -1016,12 +1021,12 @@ def test_sigterm_marks_the_run_interrupted_and_resumable(assets, runner, tmp_pat
     assert stderr.splitlines()[-1] == errors[0]
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "interrupted" and (run / ".lock").read_text() == ""
-    assert len(_keys(run)) < 4 * 30
+    assert len(_keys(run)) < _candidates(30)
     _no_temporaries(tmp_path)
     out = runner(["resume", "runs/stopped", "--quiet"], tmp_path, {})
     assert out.returncode == 0, out.stderr
     keys = _keys(run)
-    assert len(keys) == len(set(keys)) == 4 * 30
+    assert len(keys) == len(set(keys)) == _candidates(30)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 

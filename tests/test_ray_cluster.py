@@ -72,7 +72,8 @@ def test_search_runs_on_a_two_node_cluster_and_both_nodes_work(digits_zoo, tmp_p
             assert out.returncode == 0, out.stderr[-2000:]
             records = [json.loads(line) for line in (tmp_path / "cluster" / "evaluations.jsonl").read_text().splitlines()]
             nodes = {r["worker"].split("/")[1] for r in records}
-            assert len(records) == 12 and all(r["error"] is None for r in records)
+            # generation 0 is all 12 recipes (more than the population of 6), then one generation of 6
+            assert len(records) == 12 + 6 and all(r["error"] is None for r in records)
             assert len(nodes) == 2, f"both nodes should have evaluated candidates, got {nodes}"
         finally:
             if worker is not None:

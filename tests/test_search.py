@@ -208,6 +208,31 @@ def test_recipes_seed_the_first_population():
         assert len(first) == 6
 
 
+def test_more_recipes_than_a_population_are_all_evaluated():
+    """12 recipes, population 5: none is cut (cutting once dropped TSV-M's strongest recipes from a SmolLM search).
+    pymoo and CMA-ES evaluate them all in generation 0; Optuna's queue carries the rest into generation 1."""
+    scales = (0.2, 0.4, 0.6, 0.8, 1.0, 1.5)
+    genome = Genome(["g0"], ["_synthetic_sharp", "_synthetic_soft"], n_models=2, weight_range=(0.0, 1.5))
+    recipes = [genome.normalise(r) for r in genome.recipes(scales)]
+    assert len(recipes) == 12
+    one_method = Genome(["g0", "g1"], ["_synthetic_soft"], n_models=3, weight_range=(0.0, 1.5))
+    for name, space in (("pymoo", genome), ("cmaes", one_method)):
+        initial = [space.normalise(r) for r in space.recipes(scales)]
+        engine = make_engine(name, space.variables, 1, 5, 3, 0, initial=initial)
+        first = [space.normalise(g) for g in engine.ask()]
+        for recipe in initial:
+            assert any(all(g[k] == pytest.approx(v) for k, v in recipe.items()) for g in first), (name, recipe)
+        engine.tell(first, np.arange(len(first), dtype=float)[:, None])
+        assert len(engine.ask()) == 5  # later generations are a population again
+    engine = make_engine("optuna", genome.variables, 1, 5, 3, 0, initial=recipes)
+    asked = []
+    for _ in range(3):
+        batch = engine.ask()
+        asked += [genome.normalise(g) for g in batch]
+        engine.tell(batch, np.zeros((len(batch), 1)))
+    assert asked[:12] == recipes
+
+
 @pytest.mark.parametrize("engine", ["pymoo", "optuna"])
 def test_search_matches_stored_results(engine):
     """Same seed, same engine, same results as recorded when this test was written (catches silent changes in

@@ -188,7 +188,8 @@ class EngineConfig(StrictConfig):
     population: int = Field(16, ge=2)
     generations: int = Field(10, ge=1)
     max_items: int | None = Field(None, gt=0, description="stop once this many items were evaluated")
-    seed_recipes: bool = Field(True, description="start from the uniform recipes (each method × a few scales)")
+    seed_recipes: bool = Field(True, description="start from the uniform recipes (each method × a few scales), "
+                                "all of them: a first generation larger than a population when they outnumber it")
 
 
 class ExecutorConfig(StrictConfig):
