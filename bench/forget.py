@@ -39,12 +39,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--margin", type=float, default=0.03)
     parser.add_argument("--row-blocks", type=int, default=1, help="weights per block of output rows (genome.row_blocks)")
+    parser.add_argument("--methods", nargs="+", default=["tsv_merge"], help="genome.methods (one per layer group)")
+    parser.add_argument("--low", type=float, default=-1.5, help="the lowest weight (negation below 0)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runs = [run_seed(args, seed) for seed in args.seeds]
     tasks = list(runs[0]["chance_test"])
-    result = {"task": args.task, "seeds": args.seeds, "row_blocks": args.row_blocks, "runs": runs}
+    result = {"task": args.task, "seeds": args.seeds, "row_blocks": args.row_blocks, "methods": args.methods,
+              "low": args.low, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     first = runs[0]
@@ -73,7 +76,7 @@ def run_seed(args, seed: int) -> dict:
     space["bank"] = {"path": "item_banks/digits", "estimator": "full", "items_per_task": None}
     # TSV-M: each task's singular components scaled by its own weight per layer, so a negative weight removes one
     # task's subspace while the others keep theirs (the best addition merge is uniform TSV-M, λ = 1.5)
-    space["genome"] = {"granularity": "layer", "methods": ["tsv_merge"], "weights": {"low": -1.5, "high": 2.5},
+    space["genome"] = {"granularity": "layer", "methods": list(args.methods), "weights": {"low": args.low, "high": 2.5},
                        "row_blocks": args.row_blocks}
     space["engine"] = {"name": "pymoo", "population": args.population, "generations": args.generations}
     space["executor"] = {"kind": "local"}

@@ -96,6 +96,9 @@ STRATEGIES = {
     "fixed-naive10": ("naive", 10, "random", {}),
     "fixed-naive10-soft2": ("naive", 10, "random", {"soft": 2.0}),
 }
+for _w in (1, 4, 8):  # the soft weight, tried on seeds 0-7 and confirmed on new seeds (bench/README.md)
+    _name, (_est, _n, _subset, _fit) = "fresh-cv10-promo-first", STRATEGIES["fresh-cv10-promo-first"]
+    STRATEGIES[f"{_name}-soft{_w}"] = (_est, _n, _subset, {**_fit, "soft": float(_w)})
 DEFAULT_STRATEGIES = ["full", "fixed-naive", "fixed-gp", "fresh-naive", "fresh-cv", "fresh-naive10-promo",
                       "fresh-cv10-promo", "fresh-cv10-promo-recal", "adaptive-p-promo"]
 
@@ -282,8 +285,8 @@ def main() -> None:
     seeds = sorted({r["seed"] for r in rows})
     budget = max(r["candidates"] for r in rows)  # population × generations, less for CMA-ES's small first generation
     result = {
-        "workload": work["name"], "budget_candidates": budget, "strategies": {k: STRATEGIES[k] for k in
-                                                                              dict.fromkeys(["full", *args.strategies])},
+        "workload": work["name"], "budget_candidates": budget,
+        "strategies": {k: STRATEGIES[k] for k in dict.fromkeys(["full", *args.strategies, *(r["estimator"] for r in rows)])},
         "seeds": seeds, "quick": args.quick, "scores_on": "test split (never seen by search, calibration or grid)",
         "baselines": best, "runs": rows, "summary": summary,
         "target": ">= 98% of full-evolution test quality at >= 30x fewer items; >= 0.06 above the best fixed recipe",
