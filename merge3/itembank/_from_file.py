@@ -104,11 +104,18 @@ def bank_from_file(files: Sequence[str | os.PathLike | FileTask], out: str | os.
                   target_delimiter=target_delimiter, id_column=id_column)
     rows: list[dict] = []
     per_task: dict[str, dict] = {}
-    sources = []
+    sources, named_by = [], {}
     for k, entry in enumerate(files):
         source = entry if isinstance(entry, FileTask) else FileTask(path=entry, **shared)
         if tasks is not None:
             source = replace(source, task=tasks[k])
+        if not source.task_column:  # one task per file: two files must not fall silently into one task
+            task = source.task or Path(source.path).stem
+            if task in named_by:
+                how = "" if source.task else " (the stem of both names)"
+                raise Merge3Error(f"files '{named_by[task]}' and '{source.path}' are both task '{task}'{how}: give "
+                                  "each file its own task name (--task), or put both in one file")
+            named_by[task] = source.path
         rows += _file_rows(source)
         sources.append(_provenance(source.path))
     for path in task_yaml:
