@@ -277,6 +277,10 @@ def assets(tmp_path_factory):
     (bad / "noconfig" / "config.json").unlink()
     (bad / "noweights").mkdir()
     shutil.copy(root / "a" / "config.json", bad / "noweights")
+    for name, text in (("badconfig", "{broken"), ("listconfig", "[1, 2]"),
+                       ("otherarch", json.dumps({**config, "merge3_architecture": "transformer"}))):
+        shutil.copytree(root / "a", bad / name)
+        (bad / name / "config.json").write_text(text)
 
     _bank(root / "bank")
     banks = root / "banks"
@@ -298,7 +302,7 @@ def assets(tmp_path_factory):
     paths = {"root": root, "base": root / "base", "a": root / "a", "b": root / "b", "bank": root / "bank",
              "mods": mods, "shard": root / "base" / shard, "configjson": root / "base" / "config.json",
              **{name: bad / name for name in ("nan", "inf", "shape", "big", "corrupt", "truncated", "pickle", "evil",
-                                              "noconfig", "noweights")},
+                                              "noconfig", "noweights", "badconfig", "listconfig", "otherarch")},
              **{name: banks / name for name in ("no_head", "corrupt_head", "wide_head", "narrow_items", "binary_yaml",
                                                  "nan_head", "nan_input", "ragged_input")}}
     paths = {k: str(v) for k, v in paths.items()}
@@ -419,6 +423,12 @@ MERGE = [
       files={"m.yaml": merge_yaml(model="@noweights")}),
     C("mis-shaped-endpoint", "merge m.yaml --out out", "'layers.1.weight' 16×20 vs 16×16",
       files={"m.yaml": merge_yaml(model="@shape")}),
+    C("endpoint-config-not-json", "merge m.yaml --out out", "@badconfig/config.json' is not valid JSON",
+      files={"m.yaml": merge_yaml(model="@badconfig")}),
+    C("endpoint-config-a-list", "merge m.yaml --out out", "@listconfig/config.json' is not a JSON object",
+      files={"m.yaml": merge_yaml(model="@listconfig")}),
+    C("endpoint-other-architecture", "merge m.yaml --out out", "'@otherarch' is not the same architecture as",
+      "'merge3_architecture' is 'transformer', not 'mlp'", files={"m.yaml": merge_yaml(model="@otherarch")}),
     C("model-is-a-config-file", "merge m.yaml --out out", "'@configjson' is not a weight file",
       files={"m.yaml": merge_yaml(model="@configjson")}),
     C("model-missing", "merge m.yaml --out out", "field 'models.0.model'", "does not exist",
@@ -611,6 +621,8 @@ SEARCH = [
       files={"s.yaml": space(models={"endpoints": ["@corrupt", "@b"]})}),
     C("mis-shaped-endpoint", "search s.yaml --runs-dir runs", "'layers.1.weight' 16×20 vs 16×16",
       files={"s.yaml": space(models={"endpoints": ["@shape", "@b"]})}),
+    C("endpoint-other-architecture", "search s.yaml --runs-dir runs", "'@otherarch' is not the same architecture",
+      files={"s.yaml": space(models={"endpoints": ["@otherarch", "@b"]})}),
     C("base-without-config", "search s.yaml --runs-dir runs", "'@noconfig' has no config.json",
       files={"s.yaml": space(models={"base": "@noconfig"})}),
     C("endpoint-missing", "search s.yaml --runs-dir runs", "field 'models.endpoints[0]'",

@@ -247,8 +247,8 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
     >>> io.load_state_dict(out)["w"].tolist(), (out / "merge3-manifest.json").exists()
     ([2.0, 2.0], True)
     """
-    from merge3.models import (atomic_dir, check_compatible, check_pack_base, check_same_tokenizer, copy_model_files,
-                               open_lazy, parse_size)
+    from merge3.models import (atomic_dir, check_compatible, check_pack_base, check_same_architecture,
+                               check_same_tokenizer, copy_model_files, open_lazy, parse_size)
 
     config_path = Path(config_path)
     config = load_config(config_path)
@@ -261,9 +261,10 @@ def merge_from_config(config_path: str | os.PathLike, out_dir: str | os.PathLike
     check_pack_base(base_path, model_paths, "models")
     reference_path = base_path if base_path is not None else model_paths[0]
     check_same_tokenizer(reference_path, [p for p in model_paths if p != reference_path])
+    names = [m.model for m in config.models]
+    check_same_architecture(reference_path, model_paths, names, config.base_model or names[0])
     base = open_lazy(base_path) if base_path is not None else None
     models = [open_lazy(p) for p in model_paths]
-    names = [m.model for m in config.models]
     if base is not None:
         check_compatible(base, models, names, reference_name=config.base_model, check_dtypes=False)
     else:

@@ -6,7 +6,7 @@
 [1.0, 1.0, 1.0]
 """
 
-from merge3.models._arch import MLP, build_model, load_model, read_config, save_model
+from merge3.models._arch import MLP, build_model, check_same_architecture, load_model, read_config, save_model
 from merge3.models._io import (
     LazyStateDict,
     StateDict,
@@ -67,6 +67,7 @@ __all__ = [
     "parse_size",
     "plan_shards",
     "read_config",
+    "check_same_architecture",
     "save_model",
     "save_state_dict",
     "state_dict_sha256",

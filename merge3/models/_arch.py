@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -61,6 +62,39 @@ def read_config(path: str | os.PathLike) -> dict | None:
         return json.loads(config.read_text())
     except json.JSONDecodeError as e:
         raise Merge3Error(f"'{config}' is not valid JSON: {e}") from None
+
+
+ARCHITECTURE_KEYS = ("merge3_architecture", "model_type", "architectures")
+"""What says which architecture a config.json describes: merge3's own and Hugging Face's fields."""
+
+
+def check_same_architecture(reference: str | os.PathLike, others: Sequence[str | os.PathLike],
+                            names: Sequence[str] | None = None, reference_name: str | None = None) -> None:
+    """Every model folder's ``config.json`` readable, and none naming another architecture than ``reference``'s.
+
+    Weights can match in every shape and still belong to different architectures (a Llama and a Mistral of the
+    same size): merging them is meaningless, so it is refused, as mergekit does. Bare weight files and folders
+    without a config.json have nothing to compare and pass.
+
+    >>> check_same_architecture("no-such-folder", ["nor-this"])  # no config.json anywhere: nothing to compare
+    """
+    names = list(names) if names is not None else [str(p) for p in others]
+    ref = _config_object(reference)
+    for path, name in zip(others, names):
+        config = _config_object(path)
+        if ref is None or config is None:
+            continue
+        for key in ARCHITECTURE_KEYS:
+            if key in ref and key in config and ref[key] != config[key]:
+                raise Merge3Error(f"'{name}' is not the same architecture as '{reference_name or reference}': "
+                                  f"config.json '{key}' is {config[key]!r}, not {ref[key]!r}")
+
+
+def _config_object(path) -> dict | None:
+    config = read_config(path)
+    if config is not None and not isinstance(config, dict):
+        raise Merge3Error(f"'{Path(path) / 'config.json'}' is not a JSON object")
+    return config
 
 
 def build_model(config: dict) -> nn.Module:

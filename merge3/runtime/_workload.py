@@ -24,6 +24,7 @@ from merge3.models import (
     check_compatible,
     check_finite,
     check_pack_base,
+    check_same_architecture,
     check_same_tokenizer,
     load_state_dict,
     open_lazy,
@@ -94,6 +95,7 @@ class MergeWorkloadFactory:
         others = [open_lazy(p) for p in self.endpoints]
         check_compatible(reference, others, names=self.endpoints, reference_name=self.base or self.endpoints[0])
         check_same_tokenizer(self.base or self.endpoints[0], self.endpoints)
+        check_same_architecture(self.base or self.endpoints[0], self.endpoints)
         float_keys = [k for k in reference if reference.dtype(k).is_floating_point]
         self.groups = layer_groups(float_keys, self.granularity)
         bank = ItemBank.load(self.bank)
