@@ -52,7 +52,8 @@ def answer_everything(zoo: Path, bank: Path, plans: list) -> tuple[np.ndarray, n
 
 
 def cross_fitted(model, names, y: np.ndarray, items: np.ndarray, theta_of, folds: int = 5) -> float:
-    """cv-irt's mean accuracy (merge3.itembank's estimator, with θ̂ on each fold's complement from ``theta_of``)."""
+    """cv-irt's mean accuracy as merge3.itembank computes it, but with θ̂ on each fold's complement from
+    ``theta_of`` (checked against the library's own cv-irt when θ̂ comes from the answers, as there)."""
     from merge3.itembank import sigmoid
 
     task_of = model.tasks[items]
@@ -112,9 +113,13 @@ def main() -> None:
             items = np.concatenate([np.sort(rng.choice(np.flatnonzero(model.tasks == t), args.n, replace=False))
                                     for t in names])
             oracle = theta(y)(every)
+            library = estimate_answered(estimator, items, y[items], "cv-irt").mean
+            ours = cross_fitted(model, names, y, items, theta(y))
+            if abs(ours - library) > 1e-9:  # this file's twin must be merge3's cv-irt before its variants mean anything
+                raise SystemExit(f"error: cross_fitted {ours} differs from merge3's cv-irt {library}")
             estimates = {
                 "naive": float(np.mean([y[items[model.tasks[items] == t]].mean() for t in names])),
-                "cv-irt": cross_fitted(model, names, y, items, theta(y)),
+                "cv-irt": library,
                 "cv-irt, θ from soft scores": cross_fitted(model, names, y, items, theta(s)),
                 "cv-irt, oracle θ (every item)": cross_fitted(model, names, y, items, lambda _: oracle),
             }
