@@ -83,24 +83,17 @@ class ClassifierEvaluator:
     def predict(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         """The predicted class of every item in ``indices`` (through its task's head when the bank has heads)."""
         indices = _all(self.bank, indices)
-        predicted = np.zeros(len(indices), dtype=np.int64)
-        for where, logits in self._task_logits(model, indices):
-            predicted[where] = logits.argmax(-1).cpu().numpy()
-        return predicted
+        return _predicted(self._task_logits(model, indices), len(indices))
 
     @torch.inference_mode()
     def confidence(self, model: nn.Module, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(right?, the probability the model gives the right class) of every item in ``indices``."""
         indices = _all(self.bank, indices)
-        correct, p_right = np.zeros(len(indices), dtype=bool), np.zeros(len(indices))
-        for where, logits in self._task_logits(model, indices):
-            correct[where], p_right[where] = _right_and_probability(logits, self.answers[indices[where]])
-        return correct, p_right
+        return _logit_confidence(self._task_logits(model, indices), self.answers[indices])
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         indices = _all(self.bank, indices)
         return self.predict(model, indices) == self.answers[indices]
-
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -108,6 +101,23 @@ class ClassifierEvaluator:
         except RuntimeError as e:  # shapes that do not fit: the bank's inputs are not this model's
             raise Merge3Error(f"item bank '{self.bank.path}': the model cannot take its items' 'input' "
                               f"({x.shape[-1]} values each): {str(e).splitlines()[0]}") from None
+
+
+def _predicted(task_logits, n: int) -> np.ndarray:
+    """The argmax class of each of ``n`` items from (positions, logits) per task (a classifier's ``_task_logits``)."""
+    predicted = np.zeros(n, dtype=np.int64)
+    for where, logits in task_logits:
+        predicted[where] = logits.argmax(-1).cpu().numpy()
+    return predicted
+
+
+def _logit_confidence(task_logits, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(right?, the probability of the right class) of each item from (positions, logits) per task; ``answers``
+    aligned with the positions."""
+    correct, p_right = np.zeros(len(answers), dtype=bool), np.zeros(len(answers))
+    for where, logits in task_logits:
+        correct[where], p_right[where] = _right_and_probability(logits, answers[where])
+    return correct, p_right
 
 
 def _right_and_probability(logits: torch.Tensor, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,12 +262,9 @@ class TextClassifierEvaluator:
     def predict(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         """The predicted class of every item in ``indices`` (its task head's argmax)."""
         indices = _all(self.bank, indices)
-        predicted = np.zeros(len(indices), dtype=np.int64)
         if len(indices) == 0:
-            return predicted
-        for where, logits in self._task_logits(model, indices):
-            predicted[where] = logits.argmax(-1).cpu().numpy()
-        return predicted
+            return np.zeros(0, dtype=np.int64)
+        return _predicted(self._task_logits(model, indices), len(indices))
 
     def _task_logits(self, model: nn.Module, indices: np.ndarray):
         """(positions in ``indices``, head logits) per task."""
@@ -272,11 +279,9 @@ class TextClassifierEvaluator:
     def confidence(self, model: nn.Module, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(right?, the probability the head gives the right class) of every item in ``indices``."""
         indices = _all(self.bank, indices)
-        correct, p_right = np.zeros(len(indices), dtype=bool), np.zeros(len(indices))
-        if len(indices):
-            for where, logits in self._task_logits(model, indices):
-                correct[where], p_right[where] = _right_and_probability(logits, self.answers[indices[where]])
-        return correct, p_right
+        if len(indices) == 0:
+            return np.zeros(0, dtype=bool), np.zeros(0)
+        return _logit_confidence(self._task_logits(model, indices), self.answers[indices])
 
     def __call__(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray:
         indices = _all(self.bank, indices)
