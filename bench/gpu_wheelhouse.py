@@ -3,7 +3,7 @@
 That machine's Python 3.12 already holds torch, transformers, safetensors, numpy, pandas, pyarrow, scipy,
 scikit-learn, pyyaml, rich, matplotlib and tokenizers. merge3's local executor also needs pydantic, pymoo, optuna and
 cmaes (not Ray: it is imported only when the Ray executor is asked for; not datasets: items are read with pandas
-where it is missing). This script
+where it is missing; not numba: CUDA builds never use it, and CPU builds run the same-bits torch sweep without it). This script
 
 1. downloads cp312 manylinux wheels of those packages and of everything they require that the machine lacks, pinned
    to the versions in this venv (so they agree with each other), into ``OUT/wheels`` — a few MiB;

@@ -658,17 +658,22 @@ def _reference_ties(inputs, key, weights, thresholds=None, draws=None, drops=(),
     return out.mul_(0.7).add_(inputs.anchor32(key))
 
 
+@pytest.mark.parametrize("sweep", ["torch", "numba"])
 @pytest.mark.parametrize("majority", [1.0, -1.0])
 @pytest.mark.parametrize("case", ["plain", "trim", "drop", "row blocks", "sum", "floats"])
-def test_fused_ties_sweep_is_bit_identical_to_the_step_by_step_merge(monkeypatch, majority, case):
-    """Chunks of 7 entries (so every tensor spans many), small integers (so sums cancel exactly and tie-break by the
-    tensor's majority sign, which the sweep only knows at its end)."""
-    from merge3.methods import _sparsify
+def test_fused_ties_sweep_is_bit_identical_to_the_step_by_step_merge(monkeypatch, sweep, majority, case):
+    """Both fused sweeps: torch's in chunks of 7 entries (so every tensor spans many) and numba's compiled loop over
+    rows; small integers (so sums cancel exactly and tie-break by the tensor's majority sign, which the sweep only
+    knows at its end)."""
+    from merge3.methods import _fused_cpu, _sparsify
     from merge3.methods._inputs import MergeInputs
     from merge3.methods._params import row_weights
+    if sweep == "numba" and not _fused_cpu.available():
+        pytest.skip("numba is not installed (the torch sweep runs instead)")
+    monkeypatch.setenv(_fused_cpu.ENV_DISABLE, "1" if sweep == "torch" else "0")
     monkeypatch.setattr(_sparsify, "CHUNK_ELEMENTS", 7)
     g = torch.Generator().manual_seed(3)
-    base = {"w": torch.zeros(9, 5), "b": torch.zeros(13), "s": torch.zeros(())}
+    base = {"w": torch.zeros(9, 5), "b": torch.zeros(13), "s": torch.zeros(()), "c": torch.zeros(4, 3, 2)}
     models = [{k: torch.randint(-2, 3, v.shape, generator=g).float() for k, v in base.items()} for _ in range(3)]
     if case == "floats":  # rounding: the same operations in the same order
         models = [{k: torch.randn(v.shape, generator=g) / 3 for k, v in base.items()} for _ in range(3)]
@@ -692,10 +697,28 @@ def test_fused_ties_sweep_is_bit_identical_to_the_step_by_step_merge(monkeypatch
         assert torch.equal(out, expected), (key, case)
 
 
-def test_chunked_tie_vote_counts_the_same_signs_as_the_whole_tensor(monkeypatch):
-    from merge3.methods import _sparsify
+def test_ties_without_numba_runs_the_torch_sweep(monkeypatch):
+    """numba missing (the import failed once): nothing is compiled, TIES and DARE-ties give the same merge."""
+    from merge3.methods import _fused_cpu
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(7, generator=g)}
+    models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    merges = lambda: (mm.ties(base, models, density=0.6), mm.dare(base, models, drop_rate=0.5, combine="ties", seed=2))
+    expected = merges()
+    monkeypatch.setattr(_fused_cpu, "_kernel", False)
+    assert not _fused_cpu.available()
+    for got, want in zip(merges(), expected):
+        assert all(torch.equal(got[k], want[k]) for k in base)
+
+
+@pytest.mark.parametrize("sweep", ["torch", "numba"])
+def test_chunked_tie_vote_counts_the_same_signs_as_the_whole_tensor(monkeypatch, sweep):
+    from merge3.methods import _fused_cpu, _sparsify
     from merge3.methods._inputs import MergeInputs
     from merge3.methods._params import row_weights
+    if sweep == "numba" and not _fused_cpu.available():
+        pytest.skip("numba is not installed (the torch sweep runs instead)")
+    monkeypatch.setenv(_fused_cpu.ENV_DISABLE, "1" if sweep == "torch" else "0")
     monkeypatch.setattr(_sparsify, "CHUNK_ELEMENTS", 5)
     g = torch.Generator().manual_seed(5)
     base = {"w": torch.zeros(11, 3), "s": torch.zeros(())}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from merge3.methods._arithmetic import add_weighted, safe_divisor
+from merge3.methods._fused_cpu import elected_sign_sum_cpu, ties_merge_cpu
 from merge3.methods._inputs import MergeInputs
 
 
@@ -201,7 +202,10 @@ def _chunk_layout(inputs: MergeInputs, key: str) -> tuple[torch.Tensor, int, int
 def elected_sign_sum(inputs: MergeInputs, key: str, weights: Sequence[float | torch.Tensor],
                      thresholds: torch.Tensor | None) -> float:
     """Σ over ``key``'s entries of sign(Σ_t w_t · trim_t(τ_t)): TIES' vote for the model-wide tie sign (official
-    code), in one chunked sweep like ``ties_merge_into``."""
+    code), in one chunked sweep like ``ties_merge_into`` (one compiled loop with numba on the CPU)."""
+    votes = elected_sign_sum_cpu(inputs.deltas(key), weights, _just_below(thresholds))
+    if votes is not None:
+        return float(votes)
     deltas, rows, step, shape = _chunk_layout(inputs, key)
     device = deltas.device
     values = inputs.scratch("ties.work", (deltas.shape[0], *shape), device=device)
@@ -222,13 +226,18 @@ def ties_merge_into(inputs: MergeInputs, key: str, out: torch.Tensor, weights: S
                     tie_sign: float | None = None, scale: float = 1.0) -> torch.Tensor:
     """``out = anchor + scale · disjoint_mean(elect(w_t · sparsify_t(τ_t)))``, the whole TIES merge of one tensor in
     one sweep over row chunks that fit in cache (TIES and DARE-ties; the same arithmetic, step for step, as
-    ``trim_into`` then ``elect_and_merge``, so the results are bit-identical).
+    ``trim_into`` then ``elect_and_merge``, so the results are bit-identical). On the CPU with numba installed the
+    sweep is one compiled loop over rows (``_fused_cpu``), bit-identical too and ~3× faster.
 
     ``sparsify_t`` keeps ``|τ_t| ≥ thresholds[t]`` (TIES' trim; None keeps all) or, with ``draws``, the entries whose
     uniform draw is ``≥ drop_rates[t]``, rescaled by ``rescales[t]`` (DARE). ``tie_sign`` None is the tensor's own:
     the sign most entries elect, known only after the sweep, so chunks holding an exact cancellation (a zero sum of
     non-zero values) are swept with +1 and swept again if the tensor's sign turns out −1.
     """
+    below = _just_below(thresholds)
+    if ties_merge_cpu(inputs.deltas(key), inputs.anchor32(key), out, weights, below, draws, drop_rates, rescales,
+                      normalize, tie_sign, scale):
+        return out  # the same steps as one compiled loop (numba, CPU)
     deltas, rows, step, shape = _chunk_layout(inputs, key)
     anchor, out_rows = inputs.anchor32(key), out
     if anchor.dim() == 0:  # a 0-d tensor: one row
@@ -241,7 +250,6 @@ def ties_merge_into(inputs: MergeInputs, key: str, out: torch.Tensor, weights: S
     raw_signs = inputs.scratch("ties.raw", shape, device=device)
     drops, rescale = _per_task(drop_rates, device, len(shape)), _per_task(rescales, device, len(shape))
     scalar_weights = None if any(isinstance(w, torch.Tensor) for w in weights) else _per_task(weights, device, len(shape))
-    below = _just_below(thresholds)
 
     def sweep(a: int, b: int, tie: float) -> tuple[torch.Tensor, torch.Tensor]:
         n = b - a
