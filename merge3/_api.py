@@ -124,9 +124,9 @@ def _engine_and_executor(space: SearchSpace, plan: _Plan, run: Run, executor=Non
     return engine, executor
 
 
-def _progress(progress, space: SearchSpace):
+def _progress(progress, space: SearchSpace, engine):
     if progress is True:
-        return RichProgress(space.engine.generations * space.engine.population, space.engine.generations)
+        return RichProgress(engine.planned_candidates, space.engine.generations)
     if progress is False or progress is None:
         return QuietProgress()
     return progress
@@ -154,7 +154,7 @@ def _search_in_run(run: Run, space: SearchSpace, plan: _Plan, replay, executor, 
     if plan.fitness is not None:  # refits of the item model live in the run, so a resume reloads them exactly
         plan.fitness.state_dir, plan.fitness.log = run.path / "fitness", run.log
         run.log(f"fitness: {plan.fitness.name}")
-    bar = _progress(progress, space)
+    bar = _progress(progress, space, engine)
     run.write_meta(workers=getattr(executor, "workers", lambda: [])(), engine=engine.name)
     try:
         search = Search(plan.genome, engine, executor, plan.objectives, recorder=run, replay=replay,

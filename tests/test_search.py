@@ -233,6 +233,22 @@ def test_more_recipes_than_a_population_are_all_evaluated():
     assert asked[:12] == recipes
 
 
+@pytest.mark.parametrize("recipes", [0, 3, 12])
+@pytest.mark.parametrize("name", ["pymoo", "optuna", "cmaes"])
+def test_planned_candidates_counts_what_the_run_asks_for(name, recipes):
+    """The progress bar's total: a generation 0 larger than a population (more recipes) is counted."""
+    space = Genome(["g0", "g1"], ["_synthetic_soft"], n_models=3, weight_range=(0.0, 1.5))
+    initial = [space.normalise(r) for r in space.recipes(tuple(0.1 * k for k in range(1, 13)))][:recipes]
+    initial += initial[:2]  # a repeated recipe is asked once
+    engine = make_engine(name, space.variables, 1, 5, 3, 0, initial=initial)
+    asked = 0
+    while not engine.done:
+        batch = engine.ask()
+        asked += len(batch)
+        engine.tell(batch, np.arange(len(batch), dtype=float)[:, None])
+    assert asked == engine.planned_candidates
+
+
 @pytest.mark.parametrize("engine", ["pymoo", "optuna"])
 def test_search_matches_stored_results(engine):
     """Same seed, same engine, same results as recorded when this test was written (catches silent changes in

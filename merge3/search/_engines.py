@@ -27,6 +27,11 @@ class Engine(Protocol):
     @property
     def done(self) -> bool: ...
 
+    @property
+    def planned_candidates(self) -> int:
+        """How many candidates the whole run asks for (a progress bar's total)."""
+        ...
+
 
 class _IsolatedRandomState:
     """Gives an engine its own NumPy-global and ``random`` state, so nothing outside can perturb it."""
@@ -79,7 +84,9 @@ class PymooEngine:
         self.variables = dict(variables)
         self.problem = Problem(vars=pvars, n_obj=n_obj)
         dedup = MixedVariableDuplicateElimination()
+        initial = list({tuple(sorted(dict(g).items())): dict(g) for g in initial}.values())  # pymoo drops repeats
         sampling = self._first_population(initial, population, seed) if initial else MixedVariableSampling()
+        self.planned_candidates = max(population, len(initial)) + (generations - 1) * population
         if algorithm == "ga":
             self.algorithm = MixedVariableGA(pop_size=population, sampling=sampling, eliminate_duplicates=dedup)
         else:
@@ -176,6 +183,7 @@ class OptunaEngine:
         )
         for genome in initial:
             self.study.enqueue_trial(dict(genome))
+        self.planned_candidates = generations * population  # the queued recipes are the first trials asked
         self._asked = 0
         self._pending: list = []
 
@@ -224,6 +232,7 @@ class CmaEngine:
         self.population, self.generations, self.seed = population, generations, seed
         start = [np.full(len(self.names), 0.5)] + [self._unit(g) for g in initial]
         self._first = list({tuple(np.round(z, 12)): z for z in start}.values())  # without duplicates
+        self.planned_candidates = len(self._first) + (generations - 1) * population
         self._cma = None
         self._generation = 0
         self._pending: list[np.ndarray] = []
