@@ -1,7 +1,8 @@
 """TIES' whole merge of one tensor as one compiled loop on the CPU (numba), for TIES and DARE-ties builds.
 
 The torch sweep in ``_sparsify.ties_merge_into`` runs a dozen elementwise ops per cache-sized chunk; each is fast,
-but together they cost ~3× the memory traffic of reading the task vectors once. Here every row of a tensor is
+but together they take ~3× as long as reading the inputs once (a TIES build without draws took as long as a
+DARE-ties build that reads twice the bytes: the ops, not memory, were the cost). Here every row of a tensor is
 taken through the same steps, in the same float32 order, while it sits in L1 — so the result is bit-identical to the
 torch sweep (and to the step-by-step merge), tested. numba is optional: without it (or for CUDA tensors, other
 dtypes, non-contiguous outputs) the torch sweep runs instead. numba is imported on the first TIES build, not with
