@@ -1,4 +1,5 @@
-"""A tiny word-level GPT-2 that has memorised a few facts, built from a config (no hub, no downloads)."""
+"""Tiny GPT-2 models built from a config (no hub, no downloads): an untrained one that merge-method, YAML and I/O
+tests share, and a word-level one that has memorised a few facts."""
 
 import torch
 from tokenizers import Tokenizer
@@ -10,6 +11,16 @@ FACTS = [
     "red is a color", "blue is a color", "two is a number", "seven is a number",
     "dog is an animal", "cat is an animal", "paris is a city", "rome is a city",
 ]  # fmt: skip
+
+
+def build_tiny_gpt2(folder, n_layer=3, seed=0):
+    """An untrained tiny GPT-2 (3 blocks of width 16, vocabulary 24, 8 positions) saved as a Hugging Face folder."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, n_positions=8, vocab_size=24, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 8}\n')
+    return model
 
 
 def build_tiny_lm(folder, steps=300, seed=0):

@@ -37,6 +37,16 @@ def calibrated_zoo(digits_zoo):
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """The folder of an untrained tiny GPT-2 (tests/_tiny_lm.py), built once: treat it as read-only."""
+    from _tiny_lm import build_tiny_gpt2
+
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    build_tiny_gpt2(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """The folder of the tiny word-level GPT-2 that knows eight "x is a y" facts (tests/_tiny_lm.py), built once."""
     from _tiny_lm import build_tiny_lm

@@ -11,16 +11,11 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
 
 
-def _tiny_gpt2_state(seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_candidate_builds_on_cuda_equal_the_cpu_result(tiny_gpt2):
+    from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=40))
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
-def test_candidate_builds_on_cuda_equal_the_cpu_result():
-    base = _tiny_gpt2_state(0)
+    state = GPT2LMHeadModel.from_pretrained(tiny_gpt2).state_dict()
+    base = {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
     models = [{k: v + 0.02 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
     groups = mm.layer_groups(base, "layer")
     names = list(groups)

@@ -13,12 +13,11 @@ from merge3.methods import GroupPlan
 from merge3.methods import tsv_factors
 
 
-def _tiny_gpt2(seed: int = 0) -> dict[str, torch.Tensor]:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _gpt2_state(folder) -> dict[str, torch.Tensor]:
+    """The shared tiny GPT-2's parameters (its tied head included) plus an integer buffer."""
+    from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=8, vocab_size=24, bos_token_id=0, eos_token_id=0)
-    state = {k: v.clone() for k, v in GPT2LMHeadModel(cfg).state_dict().items()}
+    state = {k: v.clone() for k, v in GPT2LMHeadModel.from_pretrained(folder).state_dict().items()}
     state["step_counter"] = torch.tensor([7], dtype=torch.int64)  # an integer buffer: must keep the base value
     return state
 
@@ -39,8 +38,8 @@ def _finetune(base: dict, seed: int, sparsity: float = 0.0, scale: float = 0.05)
 
 
 @pytest.fixture(scope="module")
-def gpt2_models():
-    base = _tiny_gpt2()
+def gpt2_models(tiny_gpt2):
+    base = _gpt2_state(tiny_gpt2)
     return base, [_finetune(base, s) for s in (1, 2, 3)]
 
 
@@ -451,7 +450,7 @@ def test_per_layer_pattern_mapping_first_match_wins():
 def test_merge_groups_uses_each_groups_method(gpt2_models):
     base, models = gpt2_models
     groups = mm.layer_groups(base, "layer")
-    assert list(groups) == ["input", "transformer.h.0", "transformer.h.1", "output"]
+    assert list(groups) == ["input", "transformer.h.0", "transformer.h.1", "transformer.h.2", "output"]
     assert "step_counter" not in groups["output"]
     plans = [GroupPlan("transformer.h.0", groups["transformer.h.0"], "ties", {"density": 0.3}),
              GroupPlan("rest", ["*"], "task_arithmetic", {"scale": 0.5})]
@@ -532,11 +531,11 @@ def test_builder_equals_pure_functions_for_every_method(gpt2_models):
         _close(dict(built), mm.merge_groups(base, models, plans), atol=2e-6)
 
 
-def test_builder_writes_into_module_parameters(gpt2_models):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_builder_writes_into_module_parameters(gpt2_models, tiny_gpt2):
+    from transformers import GPT2LMHeadModel
 
     base, models = gpt2_models
-    module = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=8, vocab_size=24, bos_token_id=0, eos_token_id=0))
+    module = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
     floats = {k: v for k, v in base.items() if k != "step_counter"}
     builder = mm.CandidateBuilder(floats, [{k: m[k] for k in floats} for m in models])
     plans = [GroupPlan("all", ["*"], "ties", {"density": 0.5})]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,19 +22,14 @@ MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
 
 
 @pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
-    """A tiny GPT-2 base and two 'fine-tunes' saved as Hugging Face folders (config + safetensors)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hf_models(tmp_path_factory, tiny_gpt2):
+    """The shared tiny GPT-2 as base and two 'fine-tunes' of it, saved as Hugging Face folders (config + safetensors)."""
+    from transformers import GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("hf")
-    cfg = GPT2Config(n_layer=3, n_embd=16, n_head=2, n_positions=8, vocab_size=24, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(cfg)
-    base.save_pretrained(root / "base")
-    (root / "base" / "tokenizer_config.json").write_text('{"model_max_length": 8}\n')
+    shutil.copytree(tiny_gpt2, root / "base")
     for seed in (1, 2):
-        model = GPT2LMHeadModel(cfg)
-        model.load_state_dict(base.state_dict())
+        model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():

@@ -1,5 +1,6 @@
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -73,12 +74,11 @@ def test_pickle_with_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_hf_folder_round_trip_with_config_and_tokenizer_copied(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_hf_folder_round_trip_with_config_and_tokenizer_copied(tmp_path, tiny_gpt2):
+    from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
-    model.save_pretrained(tmp_path / "hf")
+    shutil.copytree(tiny_gpt2, tmp_path / "hf")
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
     (tmp_path / "hf" / "tokenizer.json").write_text("{}")
     sd = mm.load_state_dict(tmp_path / "hf")
     out = mm.save_state_dict(sd, tmp_path / "copy", max_shard_size="20KB", copy_from=tmp_path / "hf")
