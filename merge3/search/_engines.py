@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from merge3._errors import Merge3Error
-from merge3.search._genome import Choice, Real
+from merge3.search._genome import Choice, Real, sample_variables
 
 
 class Engine(Protocol):
@@ -110,8 +110,7 @@ class PymooEngine:
         rng = np.random.default_rng(seed)
         genomes = [dict(g) for g in initial]
         while len(genomes) < population:
-            genomes.append({k: str(rng.choice(v.options)) if isinstance(v, Choice) else float(rng.uniform(v.low, v.high))
-                            for k, v in self.variables.items()})
+            genomes.append(sample_variables(self.variables, rng))
         return Population.new("X", np.array(genomes, dtype=object))
 
     @property

@@ -38,6 +38,14 @@ class Choice:
     options: tuple[str, ...]
 
 
+def sample_variables(variables: Mapping[str, Real | Choice], rng) -> dict[str, Any]:
+    """A uniformly random value for every variable (``rng``: a ``numpy.random.Generator``), in the mapping's order."""
+    return {
+        name: str(rng.choice(v.options)) if isinstance(v, Choice) else float(rng.uniform(v.low, v.high))
+        for name, v in variables.items()
+    }
+
+
 @dataclass(frozen=True)
 class GroupChoice:
     """What one layer group of a candidate uses: a method, its parameters, and one weight per endpoint."""
@@ -187,10 +195,7 @@ class Genome:
 
     def sample(self, rng) -> dict[str, Any]:
         """A uniformly random genome (``rng``: a ``numpy.random.Generator``)."""
-        return {
-            name: str(rng.choice(v.options)) if isinstance(v, Choice) else float(rng.uniform(v.low, v.high))
-            for name, v in self.variables.items()
-        }
+        return sample_variables(self.variables, rng)
 
     def normalise(self, genome: Mapping[str, Any]) -> dict[str, Any]:
         """Plain Python floats/strings (engines hand out numpy scalars); what goes into evaluations.jsonl."""
