@@ -7,10 +7,17 @@ error into merge3's one line that names the field.
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _not_a_boolean(value):
+    if isinstance(value, bool):  # YAML's yes/true would otherwise be seed 1
+        raise ValueError(f"Input should be an integer, not {str(value).lower()}")
+    return value
+
 
 MAX_SEED = 2**32 - 1  # what numpy's RandomState, scikit-learn and torch's generators all take
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Seed = Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=0, le=MAX_SEED)]
 
 
 class StrictConfig(BaseModel):

@@ -300,7 +300,10 @@ def cmd_bank(args: argparse.Namespace) -> int:
     if args.action == "from-file":
         import codecs
 
-        stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ["\n"]
+        try:
+            stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ["\n"]
+        except UnicodeDecodeError as e:
+            raise Merge3Error(f"--stop: cannot read the escape in {e.object!r} ({e.reason}); write e.g. '\\n'") from None
         bank = bank_from_file(
             args.files, args.out, task_yaml=args.task_yaml, name=args.name, tasks=args.tasks,
             task_column=args.task_column, prompt_column=args.prompt_column, choices_column=args.choices_column,
@@ -475,14 +478,19 @@ def _dims(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer ≥ 1, got {text!r}") from None
 
 
+_MAX_THREADS = 4096
+
+
 def _threads(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        return args.threads
-    text = os.environ.get("MERGE3_THREADS", "1")
+    from_flag = args.threads is not None
+    source, text = ("--threads", None) if from_flag else ("MERGE3_THREADS", os.environ.get("MERGE3_THREADS", "1"))
     try:
-        return _COUNT(text)
+        threads = args.threads if text is None else _COUNT(text)
     except argparse.ArgumentTypeError as e:
         raise Merge3Error(f"MERGE3_THREADS: {e}") from None
+    if threads > _MAX_THREADS:  # torch takes a C int and would overflow
+        raise Merge3Error(f"{source}: {threads} threads is more than {_MAX_THREADS}")
+    return threads
 
 
 def build_parser() -> argparse.ArgumentParser:

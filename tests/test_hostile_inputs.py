@@ -138,9 +138,9 @@ def runner(tmp_path_factory):
 # ---- what is checked ------------------------------------------------------------------------------------------------
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under ``root`` (hidden ones included) with the sha256 of each file."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
+    """Every file and folder under ``root`` (hidden ones included) with the sha256 of each file (a link: its target)."""
+    return {str(p.relative_to(root)): f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir()
+            else hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))}
 
 
 def live_snapshot(root: Path) -> dict[str, str]:
@@ -265,6 +265,7 @@ def assets(tmp_path_factory):
         save_state_dict(broken, bad / name, config=config)
     save_state_dict({**state, "layers.1.weight": torch.zeros(16, 20)}, bad / "shape", config=config)
     save_state_dict({k: v * 6e4 for k, v in state.items()}, bad / "big", config=config)
+    save_state_dict({k: v.to(torch.int32) for k, v in state.items()}, bad / "int", config=config)
     shard = "model-00001-of-00001.safetensors"
     for name, data in (("corrupt", b"not a safetensors file"), ("truncated", (root / "a" / shard).read_bytes()[:300])):
         shutil.copytree(root / "a", bad / name)
@@ -301,7 +302,7 @@ def assets(tmp_path_factory):
         (mods / name).write_text(text)
     paths = {"root": root, "base": root / "base", "a": root / "a", "b": root / "b", "bank": root / "bank",
              "mods": mods, "shard": root / "base" / shard, "configjson": root / "base" / "config.json",
-             **{name: bad / name for name in ("nan", "inf", "shape", "big", "corrupt", "truncated", "pickle", "evil",
+             **{name: bad / name for name in ("nan", "inf", "shape", "big", "int", "corrupt", "truncated", "pickle", "evil",
                                               "noconfig", "noweights", "badconfig", "listconfig", "otherarch")},
              **{name: banks / name for name in ("no_head", "corrupt_head", "wide_head", "narrow_items", "binary_yaml",
                                                  "nan_head", "nan_input", "ragged_input")}}
@@ -477,6 +478,36 @@ MERGE = [
       files={"m.yaml": merge_yaml(), "mine.txt": "my notes"}),
     C("out-parent-is-a-file", "merge m.yaml --out mine.txt/out", "'mine.txt' is a file",
       files={"m.yaml": merge_yaml(), "mine.txt": "my notes"}),
+    C("out-is-a-dangling-link", "merge m.yaml --out link", "output 'link' is a symbolic link",
+      files={"m.yaml": merge_yaml()}, setup=lambda paths, work: (work / "link").symlink_to(work / "nowhere")),
+    C("out-is-a-link-to-an-empty-folder", "merge m.yaml --out link", "output 'link' is a symbolic link",
+      files={"m.yaml": merge_yaml(), "empty/.keep": ""},
+      setup=lambda paths, work: (work / "link").symlink_to(work / "empty")),
+    C("seed-above-32-bits", "merge m.yaml --out out", "field 'seed'",  # generators would wrap it to seed 0
+      files={"m.yaml": merge_yaml("dare_linear", params="weight: 0.5, density: 0.5", extra="seed: 4294967296\n")}),
+    C("negative-seed", "merge m.yaml --out out", "field 'seed'",
+      files={"m.yaml": merge_yaml("dare_linear", params="weight: 0.5, density: 0.5", extra="seed: -1\n")}),
+    C("seed-a-boolean", "merge m.yaml --out out", "field 'seed'", "not true",
+      files={"m.yaml": merge_yaml("dare_linear", params="weight: 0.5, density: 0.5", extra="seed: true\n")}),
+    C("method-seed-above-32-bits", "merge m.yaml --out out", "parameter 'seed' = 4294967296 is out of range",
+      files={"m.yaml": merge_yaml("dare_linear", params="weight: 0.5, density: 0.5",
+                                  extra="parameters: {seed: 4294967296}\n")}),
+    C("integer-endpoint", "merge m.yaml --out out", "@int has dtype torch.int32", "where @base has torch.float32",
+      files={"m.yaml": merge_yaml(model="@int")}),
+    C("yaml-nested-past-recursion", "merge m.yaml --out out", "m.yaml' is nested too deeply",
+      files={"m.yaml": "a: " + "[" * 1000 + "]" * 1000 + "\n"}),
+    C("yaml-nested-deep", "merge m.yaml --out out", "m.yaml' is nested more than 64 levels",
+      files={"m.yaml": "a: " + "[" * 200 + "]" * 200 + "\n"}),
+    C("permutation-spec-from-a-config", "merge m.yaml --out out", "'spec' must be a PermutationSpec",
+      files={"m.yaml": "merge_method: c2m3\nmodels:\n  - {model: @a}\n  - {model: @b}\nparameters: {spec: bogus}\n"}),
+    C("mps-device", "merge m.yaml --out out --device mps", "--device", "MPS (Apple GPU) is not available",
+      files={"m.yaml": merge_yaml()}),
+    C("second-cpu", "merge m.yaml --out out --device cpu:1", "--device", "there is one CPU device",
+      files={"m.yaml": merge_yaml()}),
+    C("threads-overflow", "--threads 99999999999 merge m.yaml --out out", "--threads", "more than 4096",
+      files={"m.yaml": merge_yaml()}),
+    C("threads-env-overflow", "merge m.yaml --out out", "MERGE3_THREADS", "more than 4096",
+      files={"m.yaml": merge_yaml()}, env={"MERGE3_THREADS": "99999999999"}),
 ]
 
 
@@ -783,6 +814,17 @@ def _finished_federated_run(paths, work):
     federate(work / "f.yaml", runs_dir=work / "runs", name="done", log=lambda *a: None)
 
 
+def _federated_run_edited(mutate: Callable[[Path], None]):
+    """A setup: a finished federated run ``runs/done``, marked interrupted, then ``mutate``d."""
+    def setup(paths, work):
+        _finished_federated_run(paths, work)
+        run = work / "runs" / "done"
+        meta = json.loads((run / "federation.json").read_text())
+        (run / "federation.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+        mutate(run)
+    return setup
+
+
 FEDERATE = [
     C("zero-clients", "federate f.yaml", "field 'data.clients'", files={"f.yaml": fed(data={"clients": []})}),
     C("zero-rounds", "federate f.yaml", "field 'rounds'", "greater than or equal to 1",
@@ -831,6 +873,12 @@ FEDERATE = [
     C("resume-a-search-run", "federate --resume @run", "is not a merge3 federated run folder"),
     C("resume-finished", "federate --resume runs/done", "federated run 'runs/done' has already finished",
       setup=_finished_federated_run),
+    C("resume-meta-a-list", "federate --resume runs/done", "federation.json: not a federation record",
+      setup=_federated_run_edited(lambda run: (run / "federation.json").write_text("[]"))),
+    C("resume-rounds-emptied", "federate --resume runs/done", "rounds.jsonl holds no finished round",
+      setup=_federated_run_edited(lambda run: (run / "rounds.jsonl").write_text(""))),
+    C("resume-rounds-a-list-line", "federate --resume runs/done", "rounds.jsonl holds no finished round",
+      setup=_federated_run_edited(lambda run: (run / "rounds.jsonl").write_text("[1]\n"))),
 ]
 
 
@@ -886,6 +934,12 @@ CORRUPT = {
     "evaluations-wrong-types": (_line(2, lambda r: {**r, "generation": "zz", "objectives": "x"}),
                                 "run/evaluations.jsonl: line 3 is not an evaluation record"),
     "evaluations-not-utf8": (_write("evaluations.jsonl", b"\xff\xfe\x00"), "run/evaluations.jsonl: unreadable"),
+    "evaluations-no-objectives": (_line(2, lambda r: {**r, "objectives": []}),
+                                  "run/evaluations.jsonl: line 3 is not an evaluation record"),
+    "evaluations-text-score": (_line(2, lambda r: {**r, "scores": {"a": "x", "b": None}}),
+                               "run/evaluations.jsonl: line 3 is not an evaluation record"),
+    "evaluations-three-objectives": (_line(2, lambda r: {**r, "objectives": [0.1, 0.2, 0.3]}),
+                                     "run/evaluations.jsonl: line 3 has 3 objectives where line 1 has 1"),
 }
 
 RUNS = [
@@ -899,6 +953,8 @@ RUNS = [
       setup=_run_copy(CORRUPT["evaluations-middle-line"][0])),
     C("verify-config-yaml", "verify run", "run/config.yaml: unreadable", setup=_run_copy(CORRUPT["config-yaml"][0])),
     C("resume-finished-run", "resume run --quiet", "run 'run' has already finished", setup=_run_copy(status=None)),
+    C("search-runs-dir-a-dangling-link", "search s.yaml --runs-dir link", "--runs-dir 'link' cannot be made",
+      files={"s.yaml": space()}, setup=lambda paths, work: (work / "link").symlink_to(work / "nowhere")),
     C("resume-a-file", "resume mine.txt", "'mine.txt' is not a merge3 run folder", files={"mine.txt": "notes"}),
     C("resume-a-model-folder", "resume @base", "is not a merge3 run folder"),
     C("resume-lock-is-a-folder", "resume run --quiet", "run/.lock",
@@ -1018,6 +1074,29 @@ def test_sigkill_then_resume_takes_the_lock_over(assets, runner, tmp_path):
     assert len(keys) == len(set(keys)) == _candidates(30)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     _no_temporaries(tmp_path)
+
+
+def test_a_lock_edited_into_a_list_is_taken_over(assets, runner, tmp_path):
+    _run_copy(_write(".lock", "[1, 2]"))(assets, tmp_path)
+    out = runner(["resume", "run", "--quiet"], tmp_path, {})
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+
+def test_an_output_folder_made_while_merging_is_kept_and_nothing_is_written(tmp_path):
+    from merge3 import Merge3Error
+    from merge3.models import atomic_dir
+
+    with pytest.raises(Merge3Error, match="'.*out' appeared while merge3 was writing it"):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "model.safetensors").write_text("merged")
+            (tmp_path / "out").mkdir()  # another run, or the user, made it meanwhile
+            (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "out"]
+    with atomic_dir(tmp_path / "empty") as tmp:  # an empty folder made meanwhile is replaced, as at the start
+        (tmp / "model.safetensors").write_text("merged")
+        (tmp_path / "empty").mkdir()
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["model.safetensors"]
 
 
 def test_sigterm_marks_the_run_interrupted_and_resumable(assets, runner, tmp_path):

@@ -67,9 +67,12 @@ class FederatedRun:
     @property
     def meta(self) -> dict:
         try:
-            return json.loads((self.path / META).read_text())
+            meta = json.loads((self.path / META).read_text())
         except (OSError, ValueError) as e:
             raise Merge3Error(f"{self.path / META}: cannot be read ({e})") from None
+        if not isinstance(meta, dict):
+            raise Merge3Error(f"{self.path / META}: not a federation record (a JSON object)")
+        return meta
 
     def write_meta(self, **updates) -> None:
         meta = self.meta if (self.path / META).exists() else {}
@@ -92,8 +95,10 @@ class FederatedRun:
                 record = json.loads(line)
             except ValueError:
                 break
-            consecutive = not out or record.get("round") == out[-1]["round"] + 1
-            if not isinstance(record, dict) or not consecutive or not self.global_folder(record["round"]).is_dir():
+            if not isinstance(record, dict) or type(record.get("round")) is not int:
+                break  # not a round record: a torn or edited tail
+            consecutive = not out or record["round"] == out[-1]["round"] + 1
+            if not consecutive or not self.global_folder(record["round"]).is_dir():
                 break
             out.append(record)
         return out
@@ -163,6 +168,10 @@ def resume_federation(run_dir: str | os.PathLike, *, log=print) -> FederatedRun:
         lock.release()
         raise
     done = run.rounds()
+    if not done and config.model.init != "independent":
+        lock.release()
+        raise Merge3Error(f"federated run '{run.path}': {ROUNDS} holds no finished round, not even round 0 (the "
+                          "initial model): it was emptied or edited, so the run cannot continue; start a new one")
     log(f"resuming federated run {run.path} after round {done[-1]['round'] if done else 'none'}")
     run.write_meta(status="running", resumed=run.meta.get("resumed", 0) + 1)
     return _drive(run, config, lock, log)

@@ -174,8 +174,10 @@ _WEIGHT = re.compile(r"^(.*)\.weight$")
 
 
 def infer_mlp_spec(state_dict: Mapping[str, torch.Tensor]) -> PermutationSpec:
-    """Build an MLP spec from a state dict of consecutive linear layers (``<prefix>.weight`` 2-D, optional
-    ``<prefix>.bias``), in key order, each layer's input size equal to the previous layer's output size.
+    """Build an MLP spec from a state dict of linear layers (``<prefix>.weight`` 2-D, optional ``<prefix>.bias``),
+    each layer's input size equal to the previous layer's output size. Layers go in the order their names first
+    appear, or in natural order of their names (``layers.2`` before ``layers.10``) when that is what chains: files
+    store keys sorted, a bias before its weight and ``10`` before ``2``.
 
     Anything else (a conv, a norm, a buffer, a shape that breaks the chain) raises ``Merge3Error``: a wrong guess
     would silently break the merged function, so such models need an explicit spec.
@@ -184,37 +186,48 @@ def infer_mlp_spec(state_dict: Mapping[str, torch.Tensor]) -> PermutationSpec:
     >>> sd = {"l.0.weight": torch.zeros(5, 3), "l.0.bias": torch.zeros(5), "l.2.weight": torch.zeros(2, 5)}
     >>> infer_mlp_spec(sd).axes_to_perm
     {'l.0.weight': ('P_l.0', None), 'l.0.bias': ('P_l.0',), 'l.2.weight': (None, 'P_l.0')}
+    >>> infer_mlp_spec(dict(sorted(sd.items()))).axes_to_perm == infer_mlp_spec(sd).axes_to_perm
+    True
     """
-    layers: list[tuple[str, int]] = []  # (prefix, output size)
-    biases: dict[str, bool] = {}
+    weights = {m.group(1): t for k, t in state_dict.items() if (m := _WEIGHT.match(k)) and t.dim() == 2}
+    biases = {k[: -len(".bias")]: t for k, t in state_dict.items() if k.endswith(".bias")}
     for key, tensor in state_dict.items():
-        match = _WEIGHT.match(key)
-        if match and tensor.dim() == 2:
-            prefix = match.group(1)
-            if layers and tensor.shape[1] != layers[-1][1]:
-                raise Merge3Error(
-                    f"cannot infer an MLP permutation spec: '{key}' takes {tensor.shape[1]} inputs but the previous "
-                    f"layer '{layers[-1][0]}' has {layers[-1][1]} outputs; pass a PermutationSpec"
-                )
-            layers.append((prefix, tensor.shape[0]))
-            biases[prefix] = False
-        elif key.endswith(".bias") and tensor.dim() == 1 and layers and key[: -len(".bias")] == layers[-1][0]:
-            if tensor.shape[0] != layers[-1][1]:
+        prefix = key[: -len(".bias")] if key.endswith(".bias") else None
+        if key.endswith(".weight") and key[: -len(".weight")] in weights:
+            continue
+        if prefix in weights and tensor.dim() == 1:
+            if tensor.shape[0] != weights[prefix].shape[0]:
                 raise Merge3Error(f"cannot infer an MLP permutation spec: bias '{key}' has the wrong size")
-            biases[layers[-1][0]] = True
-        else:
-            raise Merge3Error(
-                f"cannot infer an MLP permutation spec: tensor '{key}' (shape {tuple(tensor.shape)}) is not a linear "
-                "layer's weight or bias; pass a PermutationSpec"
-            )
-    if not layers:
+            continue
+        raise Merge3Error(
+            f"cannot infer an MLP permutation spec: tensor '{key}' (shape {tuple(tensor.shape)}) is not a linear "
+            "layer's weight or bias; pass a PermutationSpec"
+        )
+    if not weights:
         raise Merge3Error("cannot infer an MLP permutation spec: the state dict has no 2-D weights")
+    first_seen = list(dict.fromkeys(k[: -len(".bias")] if k.endswith(".bias") else k[: -len(".weight")]
+                                    for k in state_dict))
+    natural = sorted(weights, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
+    orders = [first_seen, natural] if natural != first_seen else [first_seen]
+    broken = [_chain_break(order, weights) for order in orders]
+    if all(broken):
+        raise Merge3Error(f"cannot infer an MLP permutation spec: {broken[0]}; pass a PermutationSpec")
+    layers = orders[broken.index(None)]
     axes: dict[str, tuple[str | None, ...]] = {}
     previous = None
-    for i, (prefix, _) in enumerate(layers):
+    for i, prefix in enumerate(layers):
         group = f"P_{prefix}" if i < len(layers) - 1 else None
         axes[f"{prefix}.weight"] = (group, previous)
-        if biases[prefix]:
+        if prefix in biases:
             axes[f"{prefix}.bias"] = (group,)
         previous = group
     return PermutationSpec(axes)
+
+
+def _chain_break(order: list[str], weights: Mapping[str, torch.Tensor]) -> str | None:
+    """Where the layers in ``order`` stop feeding each other (a layer's inputs ≠ the previous outputs), or None."""
+    for before, after in zip(order, order[1:]):
+        if weights[after].shape[1] != weights[before].shape[0]:
+            return (f"'{after}.weight' takes {weights[after].shape[1]} inputs but the previous layer '{before}' has "
+                    f"{weights[before].shape[0]} outputs")
+    return None

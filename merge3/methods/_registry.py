@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from merge3._config import MAX_SEED
 from merge3._errors import Merge3Error
 from merge3.methods._params import is_layer_value, is_row_blocks, scalars_in
 from merge3.models import StateDict
@@ -90,11 +91,12 @@ class Kernel:
 @dataclass(frozen=True)
 class MethodParam:
     name: str
-    kind: str  # "float" | "per_model" | "choice" | "int" | "bool" | "str" | "other"
+    kind: str  # "float" | "per_model" | "choice" | "int" | "bool" | "str" | "object" | "other"
     default: Any = inspect.Parameter.empty
     bounds: Bounds | None = None
     choices: tuple = ()
     overrides: str | None = None  # per-model parameters only: the shared parameter it replaces model by model
+    classes: tuple = ()  # "object" parameters only: what the value must be an instance of (e.g. a PermutationSpec)
 
     @property
     def required(self) -> bool:
@@ -248,10 +250,16 @@ def _check_value(method: str, spec: MethodParam, value: Any, n_models: int | Non
     elif spec.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise Merge3Error(f"{method}: parameter '{name}' must be an integer, got {value!r}")
+        if name == "seed" and not 0 <= value <= MAX_SEED:  # generators take 32 bits: a larger seed would wrap silently
+            raise Merge3Error(f"{method}: parameter 'seed' = {value} is out of range [0, {MAX_SEED}]")
         _check_range(method, name, spec.bounds, value)
     elif spec.kind == "bool":
         if not isinstance(value, bool):
             raise Merge3Error(f"{method}: parameter '{name}' must be true or false, got {value!r}")
+    elif spec.kind == "object" and not isinstance(value, spec.classes):
+        wanted = " or ".join(c.__name__ for c in spec.classes)
+        raise Merge3Error(f"{method}: parameter '{name}' must be a {wanted} (a Python object, given through the API, "
+                          f"not a config value), got {value!r}")
     return value
 
 
@@ -277,6 +285,8 @@ def _param_from_signature(p: inspect.Parameter, hint: Any) -> MethodParam:
             kind = "int"  # Optional[int], e.g. a seed that may be None
         elif options == {bool}:
             kind = "bool"  # Optional[bool]: None means "the method's own default"
+        elif options and all(isinstance(o, type) and o not in (int, bool, str, float) for o in options):
+            return MethodParam(p.name, "object", p.default, classes=tuple(options))  # Optional[PermutationSpec]
     return MethodParam(p.name, kind, p.default)
 
 

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, ValidationError
 from safetensors.torch import save_file
 
-from merge3._config import StrictConfig
+from merge3._config import Seed, StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.methods._inputs import MergeInputs
 from merge3.models import plain
@@ -62,7 +62,7 @@ class MergeConfig(StrictConfig):
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Optional[Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]] = None
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
     name: Optional[str] = None
 
 

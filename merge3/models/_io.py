@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -240,6 +241,8 @@ class atomic_dir:
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
         self.path = Path(path)
         _check_parent(self.path)
+        if self.path.is_symlink():  # renaming onto a link replaces the link (or fails), never writes where it points
+            raise Merge3Error(f"output '{self.path}' is a symbolic link (give the folder it points to, or a new path)")
         if self.path.exists() and not self.path.is_dir():  # a folder never replaces a file, overwrite or not
             raise Merge3Error(f"output '{self.path}' is a file, not a folder (choose another path)")
         if self.path.exists() and any(self.path.iterdir()) and not overwrite:
@@ -258,6 +261,16 @@ class atomic_dir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if not self.overwrite:
+            # One rename, checked by the kernel: it replaces nothing or an empty folder, and fails if a file or a
+            # non-empty folder appeared at the path while this one was written (another run, a user's mkdir).
+            try:
+                os.rename(self.tmp, self.path)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise Merge3Error(f"output '{self.path}' appeared while merge3 was writing it ({e.strerror}); it was "
+                                  "left as it is and nothing was written (choose another path)") from None
             return
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
@@ -401,6 +414,21 @@ def safe_load_yaml(text: str):
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
 
 
+_MAX_NESTING = 64
+
+
+def _nesting(data: Any) -> int:
+    """How deeply lists and mappings nest in ``data`` (without recursion: the data may be deep)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= _MAX_NESTING:
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str = "a mapping of keys",
                       empty_ok: bool = False) -> dict:
     """The YAML file ``path`` as a dict, read safely (:func:`safe_load_yaml`: no tags that build objects or run code),
@@ -430,6 +458,10 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str = "a map
         raise Merge3Error(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise Merge3Error(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
+    except RecursionError:
+        raise Merge3Error(f"{what} '{path}' is nested too deeply to read (is it a config file?)") from None
+    if _nesting(data) > _MAX_NESTING:  # the validators after this recurse too: refuse here, with the file's name
+        raise Merge3Error(f"{what} '{path}' is nested more than {_MAX_NESTING} levels deep (is it a config file?)")
     if data is None and empty_ok:
         return {}
     if not isinstance(data, dict):

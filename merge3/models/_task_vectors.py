@@ -81,11 +81,12 @@ def check_compatible(
             shown = ", ".join(f"'{k}' {_describe(b)} vs {_describe(a)}" for k, a, b in shape_bad[:3])
             more = f" (+{len(shape_bad) - 3} more)" if len(shape_bad) > 3 else ""
             raise Merge3Error(f"{name} has shapes that differ from {reference_name}: {shown}{more}")
-        if check_dtypes:
-            dtype_bad = [(k, _dtype(reference, k), _dtype(other, k)) for k in ref_keys if _dtype(reference, k) != _dtype(other, k)]
-            if dtype_bad:
-                k, a, b = dtype_bad[0]
-                raise Merge3Error(f"{name} has dtype {b} for '{k}' where {reference_name} has {a} (+{len(dtype_bad) - 1} more)")
+        # Without check_dtypes float widths may differ (fp16 with bf16, as mergekit allows); floats and integers never.
+        same = (lambda a, b: a == b) if check_dtypes else (lambda a, b: a.is_floating_point == b.is_floating_point)
+        dtype_bad = [(k, a, b) for k in ref_keys if not same(a := _dtype(reference, k), b := _dtype(other, k))]
+        if dtype_bad:
+            k, a, b = dtype_bad[0]
+            raise Merge3Error(f"{name} has dtype {b} for '{k}' where {reference_name} has {a} (+{len(dtype_bad) - 1} more)")
 
 
 def _first(keys: list[str], n: int = 3) -> str:

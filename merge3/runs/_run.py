@@ -49,6 +49,10 @@ def new_run_folder(runs_dir: str | os.PathLike, name: str, resume: str) -> tuple
     path = runs_dir / name
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a dangling link or a link loop: exists() is False, yet mkdir finds something there
+        raise Merge3Error(f"--runs-dir '{runs_dir}' cannot be made or used as a folder: {e.strerror or e} (is it a "
+                          "broken symbolic link?)") from None
+    try:
         path.mkdir()
     except FileExistsError:
         raise Merge3Error(f"run '{path}' already exists: resume it with `{resume} {path}` "
@@ -186,6 +190,9 @@ class Run:
                 records.append(Evaluation.from_json(data))
             except Merge3Error:
                 raise Merge3Error(f"{file}: line {n + 1} is not an evaluation record") from None
+            if len(records[-1].objectives) != len(records[0].objectives):
+                raise Merge3Error(f"{file}: line {n + 1} has {len(records[-1].objectives)} objectives where line 1 has "
+                                  f"{len(records[0].objectives)} (the file was edited or mixes two runs)")
             good.append(line)
         text = "".join(good)
         if text and not text.endswith("\n"):

@@ -46,9 +46,14 @@ def resolve_device(name: str) -> str:
             raise Merge3Error(f"device '{name}': CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise Merge3Error(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type not in ("cpu", "mps"):
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise Merge3Error(f"device '{name}': MPS (Apple GPU) is not available on this machine")
+    elif device.type != "cpu":
         raise Merge3Error(f"device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
-    return name
+    elif device.index not in (None, 0):
+        raise Merge3Error(f"device '{name}': there is one CPU device, write cpu")
+    return "cpu" if device.type == "cpu" else name  # 'cpu:0' is cpu; safetensors refuses the spelling
 
 
 @dataclass

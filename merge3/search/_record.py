@@ -116,11 +116,16 @@ class Evaluation:
             raise Merge3Error(f"not an evaluation record (missing {', '.join(missing)})")
         if not all(type(data[k]) is int for k in ("generation", "index")) or not isinstance(data["genome"], dict) \
                 or not isinstance(data["plan"], list) or not isinstance(data["scores"], dict) \
-                or not isinstance(data["objectives"], list) \
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data["objectives"]):
+                or not isinstance(data["objectives"], list) or not data["objectives"] \
+                or not all(_is_number(v) for v in data["objectives"]) \
+                or not all(isinstance(k, str) and (v is None or _is_number(v)) for k, v in data["scores"].items()):
             raise Merge3Error("not an evaluation record (a field has the wrong type)")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 __all__ = ["Evaluation"]
