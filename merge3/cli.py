@@ -482,12 +482,14 @@ _MAX_THREADS = 4096
 
 
 def _threads(args: argparse.Namespace) -> int:
-    from_flag = args.threads is not None
-    source, text = ("--threads", None) if from_flag else ("MERGE3_THREADS", os.environ.get("MERGE3_THREADS", "1"))
-    try:
-        threads = args.threads if text is None else _COUNT(text)
-    except argparse.ArgumentTypeError as e:
-        raise Merge3Error(f"MERGE3_THREADS: {e}") from None
+    if args.threads is not None:
+        source, threads = "--threads", args.threads
+    else:
+        source = "MERGE3_THREADS"
+        try:
+            threads = _COUNT(os.environ.get("MERGE3_THREADS", "1"))
+        except argparse.ArgumentTypeError as e:
+            raise Merge3Error(f"MERGE3_THREADS: {e}") from None
     if threads > _MAX_THREADS:  # torch takes a C int and would overflow
         raise Merge3Error(f"{source}: {threads} threads is more than {_MAX_THREADS}")
     return threads

@@ -50,8 +50,9 @@ def new_run_folder(runs_dir: str | os.PathLike, name: str, resume: str) -> tuple
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a dangling link or a link loop: exists() is False, yet mkdir finds something there
-        raise Merge3Error(f"--runs-dir '{runs_dir}' cannot be made or used as a folder: {e.strerror or e} (is it a "
-                          "broken symbolic link?)") from None
+        hint = " (a broken symbolic link)" if runs_dir.is_symlink() else ""
+        raise Merge3Error(f"--runs-dir '{runs_dir}' cannot be made or used as a folder{hint}: "
+                          f"{e.strerror or e}") from None
     try:
         path.mkdir()
     except FileExistsError:
