@@ -929,6 +929,8 @@ CORRUPT = {
     "run-json-a-list": (_write("run.json", "[]"), "run/run.json: not a merge3 run.json"),
     "config-yaml": (_write("config.yaml", "models: [\n"), "run/config.yaml: unreadable"),
     "config-yaml-empty": (_write("config.yaml", ""), "run/config.yaml: not a merge3 run config"),
+    "config-yaml-deep": (_write("config.yaml", "a: " + "[" * 1000 + "]" * 1000 + "\n"),
+                         "run/config.yaml: unreadable (YamlTooDeep: is nested too deeply to read)"),
     "evaluations-middle-line": (_line(3, '{"generation": 0, "ind\n'), "run/evaluations.jsonl: line 4 is corrupt"),
     "evaluations-not-a-record": (_line(2, "[1, 2]\n"), "run/evaluations.jsonl: line 3 is not an evaluation record"),
     "evaluations-wrong-types": (_line(2, lambda r: {**r, "generation": "zz", "objectives": "x"}),

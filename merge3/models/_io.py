@@ -402,19 +402,29 @@ def _yaml_loader():
     return Loader
 
 
+_MAX_NESTING = 64
+
+
+class YamlTooDeep(ValueError):
+    """YAML nested deeper than any config: the parser, or the validators after it, would recurse without end."""
+
+
 def safe_load_yaml(text: str):
     """``yaml.safe_load`` (no tags that build objects or run code) with YAML 1.2's exponent floats; a key given
-    twice is an error.
+    twice is an error, and so is nesting deeper than 64 levels (``YamlTooDeep``).
 
     >>> safe_load_yaml("weight: 5e-1\\ndensity: 0.5\\nname: 1e")
     {'weight': 0.5, 'density': 0.5, 'name': '1e'}
     """
     import yaml
 
-    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
-
-
-_MAX_NESTING = 64
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
+    except RecursionError:
+        raise YamlTooDeep("is nested too deeply to read") from None
+    if _nesting(data) > _MAX_NESTING:
+        raise YamlTooDeep(f"is nested more than {_MAX_NESTING} levels deep")
+    return data
 
 
 def _nesting(data: Any) -> int:
@@ -458,10 +468,8 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str = "a map
         raise Merge3Error(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise Merge3Error(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
-    except RecursionError:
-        raise Merge3Error(f"{what} '{path}' is nested too deeply to read (is it a config file?)") from None
-    if _nesting(data) > _MAX_NESTING:  # the validators after this recurse too: refuse here, with the file's name
-        raise Merge3Error(f"{what} '{path}' is nested more than {_MAX_NESTING} levels deep (is it a config file?)")
+    except YamlTooDeep as e:
+        raise Merge3Error(f"{what} '{path}' {e} (is it a config file?)") from None
     if data is None and empty_ok:
         return {}
     if not isinstance(data, dict):
