@@ -423,3 +423,21 @@ def test_tsv_compress_genome_evolves_the_rank_fraction_per_group():
     plan = genome.decode({**genome.midpoint(), "g1|method": "tsv_compress", "g1|tsv_compress.rank_fraction": 0.1})
     assert plan[1].method == "tsv_compress" and plan[1].params["rank_fraction"] == 0.1
     assert "rank_fraction" not in plan[0].params
+
+
+def test_the_progress_bar_shows_the_runs_best_not_an_infeasible_candidates_value():
+    """The bar's "best" is the search's own best (feasible, last fidelity), not the highest objective it saw."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from merge3.search import RichProgress
+
+    out = io.StringIO()
+    bar = RichProgress(total=2, generations=1, console=Console(file=out, force_terminal=False, width=120))
+    bar.advance(SimpleNamespace(ok=True, objectives=[-0.05], violation=0.4))  # infeasible: forgets best of all
+    bar.advance(SimpleNamespace(ok=True, objectives=[-0.30], violation=0.0))
+    bar.generation({"generation": 0, "best_so_far": -0.30})
+    bar.close()
+    assert bar.best == -0.30 and "best -0.3000" in bar._label() and "-0.0500" not in out.getvalue()

@@ -26,13 +26,13 @@ class RichProgress:
         return f"generation {self.generation_no + 1}/{self.generations}  best {best}"
 
     def advance(self, record) -> None:
-        if record.ok and record.objectives:
-            value = record.objectives[0]
-            self.best = value if math.isnan(self.best) else max(self.best, value)
         self.bar.update(self.task, advance=1, description=self._label())
 
     def generation(self, summary: dict) -> None:
+        # the run's best as the search ranks it (feasible, at the last fidelity), not the highest value seen: an
+        # infeasible or first-fidelity candidate is never shown as the best
         self.generation_no = summary["generation"] + 1
+        self.best = summary["best_so_far"]
         self.bar.update(self.task, description=self._label())
 
     def close(self) -> None:
