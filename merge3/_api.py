@@ -95,9 +95,9 @@ def validate(space: SearchSpace, objectives: Sequence[ObjectiveSpec], factory=No
         fitness = make_fitness(space.bank, bank, space.seed, generations=space.engine.generations)
         chance = bank.chance_accuracy()
     obj = Objectives(objectives, factory.tasks, chance=chance)
-    if getattr(fitness, "rank_soft", 0.0) and "mean" not in obj.names:
-        raise Merge3Error(f"bank.fitness.soft adds a soft score to the 'mean' objective; this search's objectives "
-                          f"are {obj.names}")
+    if getattr(fitness, "rank_soft", 0.0) and "mean" not in obj.names and not obj.forgotten:
+        raise Merge3Error(f"bank.fitness.soft adds a soft score to the 'mean' or a 'forget:<task>' objective; this "
+                          f"search's objectives are {obj.names}")
     genome = Genome(
         factory.groups, space.genome.methods, factory.n_models,
         weight_range=(space.genome.weights.low, space.genome.weights.high),

@@ -4,6 +4,8 @@ import json
 import signal
 from dataclasses import replace
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import yaml
@@ -167,8 +169,6 @@ def test_soft_scores_are_recorded_per_answer_and_only_change_what_the_engine_ran
     gen0 = lambda run: [(r.index, r.scores) for r in run.run.records() if r.generation == 0 and r.rung == 0]  # noqa: E731
     assert gen0(soft) == gen0(plain), "estimates stay on 0/1 answers: generation 0 (same genomes) is unchanged"
     # what the engine is told: −(mean + 2 × soft score), at the fidelity it sees; other objectives get nothing
-    from types import SimpleNamespace
-
     from merge3.search._loop import Objectives, Search
 
     loop = Search.__new__(Search)
@@ -180,7 +180,50 @@ def test_soft_scores_are_recorded_per_answer_and_only_change_what_the_engine_ran
     top = promoted[0]
     assert loop._told(top) == pytest.approx([-(top.first_objectives[0] + 2.0 * top.details["soft_first"])])
     loop.objectives = Objectives(["per_task"], tasks)
-    assert loop._told(rung0) == pytest.approx([-v for v in rung0.objectives]), "no soft bonus off 'mean'"
+    assert loop._told(rung0) == pytest.approx([-v for v in rung0.objectives]), "no soft bonus on per-task scores"
+    # forget:<task>: the task's own soft score pushed down (−w × it), floored at chance like the objective
+    forgotten = tasks[0]
+    assert set(rung0.details["soft_tasks"]) == set(tasks)
+    assert rung0.details["soft"] == pytest.approx(np.mean(list(rung0.details["soft_tasks"].values())))
+    assert all(r.details["soft_tasks_first"] == next(x for x in lines if x.candidate == r.candidate
+                                                     and x.rung == 0).details["soft_tasks"] for r in promoted)
+    forget = replace(rung0, objectives=[-rung0.scores[forgotten]], objective_se=None, violation=0.0)
+    p = rung0.details["soft_tasks"][forgotten]
+    loop.objectives = Objectives([f"forget:{forgotten}"], tasks, chance={forgotten: 0.0})
+    loop.fitness.engine_sees_first = False
+    assert loop._told(forget) == pytest.approx([rung0.scores[forgotten] + 2.0 * p])
+    loop.objectives = Objectives([f"forget:{forgotten}"], tasks, chance={forgotten: p + 0.2})
+    assert loop._told(forget) == pytest.approx([rung0.scores[forgotten] + 2.0 * (p + 0.2)]), "no reward below chance"
+
+
+def test_full_fitness_with_soft_ranks_a_forget_objective_by_the_tasks_soft_score(calibrated_zoo, tmp_path):
+    """Exact fitness takes one option, soft: every search item is answered with its soft score, the estimates stay
+    the exact 0/1 means, and a forget:<task> objective is told to the engine minus w × that task's soft score."""
+    tasks = list(calibrated_zoo.finetuned)
+    config = space(calibrated_zoo, {"soft": 3.0}, population=4, generations=2)
+    config["bank"].update(estimator="full", items_per_task=None)
+    config["genome"].update(methods=["tsv_merge"], weights={"low": -1.0, "high": 1.5})
+    outcome = merge3.search(config, objectives=[f"forget:{tasks[0]}", f"keep:{tasks[1]}>=0.0"], runs_dir=tmp_path,
+                            name="full-soft", progress=False)
+    bank = ItemBank.load(config["bank"]["path"])
+    records = outcome.run.records()
+    assert records and all(r.error is None for r in records)
+    for r in records:
+        rows, correct = r.answered()
+        assert sorted(rows.tolist()) == sorted(bank.search_indices.tolist()), "every search item"
+        assert r.scores == pytest.approx(bank.per_task_accuracy(correct, rows)), "estimates stay exact 0/1 means"
+        p = np.asarray(r.answers["soft"])
+        assert r.details["soft_tasks"] == pytest.approx(bank.per_task_accuracy(p, rows))
+        assert r.details["soft_tasks_first"] == r.details["soft_tasks"]
+    from merge3.search._loop import Objectives, Search
+
+    loop = Search.__new__(Search)
+    loop.fitness = SimpleNamespace(rank_soft=3.0, rank_z=0.0, engine_sees_first=False)
+    loop.objectives = Objectives([f"forget:{tasks[0]}"], tasks, chance=bank.chance_accuracy())
+    r = records[0]
+    floor = bank.chance_accuracy()[tasks[0]]
+    assert loop._told(r) == pytest.approx([max(r.scores[tasks[0]], floor)
+                                           + 3.0 * max(r.details["soft_tasks"][tasks[0]], floor)])
 
 
 def calibrated_zoo_tasks(record, outcome) -> np.ndarray:

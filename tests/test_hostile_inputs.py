@@ -636,7 +636,7 @@ SEARCH = [
     C("soft-with-adaptive-items", "search s.yaml --runs-dir runs", "fitness.soft ranks candidates that answered the same",
       files={"s.yaml": space(bank={"estimator": "gp-irt", "fitness": {"items": "adaptive", "soft": 1}})}),
     C("soft-without-the-mean-objective", "search s.yaml --runs-dir runs", "bank.fitness.soft adds a soft score to "
-      "the 'mean' objective", files={"s.yaml": space(objectives=["per_task"], bank={"fitness": {"soft": 1}})}),
+      "the 'mean' or a 'forget:<task>' objective", files={"s.yaml": space(objectives=["per_task"], bank={"fitness": {"soft": 1}})}),
     C("endpoint-names-repeat", "search s.yaml --runs-dir runs", "field 'models'", "names gives 'x' twice",
       files={"s.yaml": space(models={"names": ["x", "x"]})}),
     C("seed-above-32-bits", "search s.yaml --runs-dir runs", "field 'seed'", "less than or equal to 4294967295",

@@ -28,14 +28,16 @@ Strategies (``bank.fitness`` in a search space, combinable):
 - ``soft: w`` — every answer also records the probability the model gives the right answer; the engine ranks by
   the ``mean`` estimate + w × that probability averaged over the candidate's first items (candidates of a
   generation answer the same items, and a soft score tells near-identical candidates apart on fewer items than
-  0/1 answers do: ``bench/soft_ranking.py``). Estimates, standard errors, promotion and the run's best stay 0/1.
+  0/1 answers do: ``bench/soft_ranking.py``), and a ``forget:<task>`` objective by its value − w × max(the
+  task's soft score, its chance floor) — the right answer's probability pushed down, not just the argmax.
+  Estimates, standard errors, promotion and the run's best stay 0/1.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -80,13 +82,17 @@ class SearchSplitFitness:
     final_rung = 0
     rank_z = 0.0
 
-    def __init__(self, bank: ItemBank):
+    def __init__(self, bank: ItemBank, soft: float | None = None):
         self.bank = bank
+        self.rank_soft = float(soft or 0.0)  # bank.fitness.soft: the one option exact fitness takes
 
     def requests(self, generation: int, plans: Sequence[list[dict]]) -> list[EvalRequest]:
-        return [EvalRequest(plan) for plan in plans]  # items=None: every search item
+        return [EvalRequest(plan, soft=bool(self.rank_soft)) for plan in plans]  # items=None: every search item
 
     def score(self, generation, index, result, previous=None) -> CandidateResult:
+        soft = result.soft_answers() if result.ok else None
+        if soft is not None:
+            record_soft(result, self.bank.per_task_accuracy(soft, result.answered()[0]))
         return result  # the worker's per-task means over every search item are exact
 
 
@@ -235,10 +241,8 @@ class CheapFitness:
                     inclusion[pool] = first[pool] + (1 - first[pool]) * uniform
             inclusion = inclusion[local]
         estimate = self._estimate(local, correct, inclusion)
-        if soft is not None:  # what the engine ranks by (with rank_soft): the first items' soft score, kept per rung
-            first = (previous.details or {}).get("soft_first") if previous is not None else None
-            result.details["soft"] = naive_estimate(self.tasks[local], soft, self.task_sizes).mean  # as accuracy is
-            result.details["soft_first"] = result.details["soft"] if first is None else first
+        if soft is not None:  # averaged as accuracy is
+            record_soft(result, naive_estimate(self.tasks[local], soft, self.task_sizes).per_task, previous)
         result.scores = estimate.per_task
         result.se = {**estimate.se, "mean": estimate.se_mean}
         if estimate.theta is not None:
@@ -356,12 +360,23 @@ def load_calibration(bank: ItemBank) -> Estimator | None:
     return estimator
 
 
+def record_soft(result: CandidateResult, per_task: Mapping[str, float], previous: Evaluation | None = None) -> None:
+    """What the engine ranks by with ``soft``: the soft score (mean over tasks) and each task's (for ``forget:``), at
+    this fidelity and — kept from rung 0 through promotions — at the first."""
+    before = (previous.details or {}) if previous is not None else {}
+    per_task = {t: float(v) for t, v in per_task.items()}
+    result.details["soft"] = float(np.mean(list(per_task.values())))
+    result.details["soft_tasks"] = per_task
+    result.details["soft_first"] = before.get("soft_first", result.details["soft"])
+    result.details["soft_tasks_first"] = before.get("soft_tasks_first", per_task)
+
+
 def make_fitness(bank_config, bank: ItemBank, seed: int, state_dir: Path | None = None, log=lambda m: None,
                  generations: int = 1) -> Fitness:
     """The fitness a search space's ``bank`` section asks for; an error now (before any run exists) if the bank
     cannot give it."""
     if bank_config.estimator == "full" or bank_config.items_per_task is None:
-        return SearchSplitFitness(bank)
+        return SearchSplitFitness(bank, bank_config.fitness.soft)
     n, subset, method, fitness = bank_config.items_per_task, bank_config.subset, bank_config.estimator, bank_config.fitness
     estimator = load_calibration(bank)
     search_tasks = bank.task_of[bank.search_indices]

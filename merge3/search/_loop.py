@@ -106,6 +106,7 @@ class Objectives:
         self._fns: list[ObjectiveFn] = []
         self._se_keys: list[str | None] = []  # which standard error of a result belongs to each objective
         self.constraints: list[tuple[str, float]] = []  # (task, lowest accuracy allowed)
+        self.forgotten: dict[str, tuple[str, float]] = {}  # 'forget:<task>' → (task, chance floor)
         chance = dict(chance or {})
         for spec in specs:
             if spec == "mean":
@@ -117,6 +118,7 @@ class Objectives:
                 task = self._task(spec, spec.removeprefix("forget:"))
                 floor = float(chance.get(task, 0.0))
                 self._add(spec, lambda r, t=task, f=floor: -max(r.scores[t], f), task)
+                self.forgotten[spec] = (task, floor)
             elif isinstance(spec, str) and spec.startswith("keep:"):
                 self.constraints.append(self._keep(spec))
             elif isinstance(spec, str):
@@ -297,13 +299,22 @@ class Search:
         return values
 
     def _soft_bonus(self, record: Evaluation, first: bool) -> list[float]:
-        """``bank.fitness.soft``: w × the candidate's soft score, added to what the engine ranks by for 'mean' only
-        (at the fidelity the engine sees); nothing for other objectives or without soft scores."""
+        """``bank.fitness.soft``: added to what the engine ranks by (at the fidelity it sees): w × the soft score for
+        'mean', −w × max(the task's soft score, its chance floor) for ``forget:<task>``; nothing for other
+        objectives or without soft scores."""
         weight = getattr(self.fitness, "rank_soft", 0.0)
-        soft = (record.details or {}).get("soft_first" if first else "soft")
+        details = record.details or {}
+        soft = details.get("soft_first" if first else "soft")
+        per_task = details.get("soft_tasks_first" if first else "soft_tasks") or {}
         bonus = [0.0] * len(self.objectives.names)
-        if weight and soft is not None and "mean" in self.objectives.names:
-            bonus[self.objectives.names.index("mean")] = weight * float(soft)
+        if not weight or soft is None:
+            return bonus
+        for k, name in enumerate(self.objectives.names):
+            if name == "mean":
+                bonus[k] = weight * float(soft)
+            elif name in self.objectives.forgotten and self.objectives.forgotten[name][0] in per_task:
+                task, floor = self.objectives.forgotten[name]
+                bonus[k] = -weight * max(float(per_task[task]), floor)
         return bonus
 
     def _evaluate(self, generation: int, genomes: list[dict], lines: list[Evaluation]) -> list[Evaluation]:

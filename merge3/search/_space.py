@@ -99,8 +99,9 @@ class FitnessConfig(StrictConfig):
     z: float = Field(1.0, gt=0)
     soft: float | None = Field(None, gt=0, le=100, description=(
         "the engine ranks by the 'mean' estimate + soft × the mean probability the candidate gives the right "
-        "answers on its items (a soft score: less noisy on few items than 0/1); estimates, promotion and the run's "
-        "best stay on 0/1 answers"))
+        "answers on its items (a soft score: less noisy on few items than 0/1), and a forget:<task> objective by "
+        "its value − soft × that task's soft score (floored at chance); estimates, promotion and the run's best "
+        "stay on 0/1 answers"))
 
 
 class BankConfig(StrictConfig):
@@ -125,8 +126,9 @@ class BankConfig(StrictConfig):
             raise ValueError(f"fitness.items 'adaptive' needs an IRT estimator, not '{self.estimator}' (the naive mean "
                              "of adaptively chosen items is biased)")
         if self.estimator == "full" or self.items_per_task is None:
-            if self.fitness != FitnessConfig():
-                raise ValueError("fitness options apply to cheap estimators; estimator 'full' answers every item")
+            if self.fitness.model_copy(update={"soft": None}) != FitnessConfig():
+                raise ValueError("fitness options other than soft apply to cheap estimators; estimator 'full' "
+                                 "answers every item")
         return self
 
 
