@@ -10,6 +10,7 @@ on the search split. Writes bench/results/forget.json and prints a table.
 Usage::
 
     .venv/bin/python bench/forget.py [--task rot90] [--seeds 0 1 2] [--generations 20] [--population 24]
+        [--row-blocks 4] [--engine cmaes] [--soft 2]
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--row-blocks", type=int, default=1, help="weights per block of output rows (genome.row_blocks)")
     parser.add_argument("--methods", nargs="+", default=["tsv_merge"], help="genome.methods (one per layer group)")
     parser.add_argument("--low", type=float, default=-1.5, help="the lowest weight (negation below 0)")
+    parser.add_argument("--engine", choices=["pymoo", "cmaes"], default="pymoo",
+                        help="pymoo: the GA; cmaes: CMA-ES (one method only), infeasible ranked by violation")
+    parser.add_argument("--soft", type=float, default=None,
+                        help="bank.fitness.soft: rank by forget − w × the task's probability of the right answer")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runs = [run_seed(args, seed) for seed in args.seeds]
     tasks = list(runs[0]["chance_test"])
     result = {"task": args.task, "seeds": args.seeds, "row_blocks": args.row_blocks, "methods": args.methods,
-              "low": args.low, "runs": runs}
+              "low": args.low, "engine": args.engine, "soft": args.soft,
+              "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     first = runs[0]
@@ -72,13 +78,17 @@ def run_seed(args, seed: int) -> dict:
     from merge3.runs import baselines, best_recipe
 
     space = yaml.safe_load((ROOT / "search_spaces" / "digits_layers.yaml").read_text())
-    space.update(name=f"forget-{args.task}-s{seed}", seed=seed, device="cpu")
-    space["bank"] = {"path": "item_banks/digits", "estimator": "full", "items_per_task": None}
+    # one scratch run per configuration: two benches at once must not share (and delete) each other's run folder
+    tag = f"{args.engine}-rb{args.row_blocks}-g{args.generations}-p{args.population}-low{args.low:g}" + (
+        f"-soft{args.soft:g}" if args.soft else "") + "-" + "-".join(args.methods)
+    space.update(name=f"forget-{args.task}-{tag}-s{seed}", seed=seed, device="cpu")
+    space["bank"] = {"path": "item_banks/digits", "estimator": "full", "items_per_task": None,
+                     **({"fitness": {"soft": args.soft}} if args.soft else {})}
     # TSV-M: each task's singular components scaled by its own weight per layer, so a negative weight removes one
     # task's subspace while the others keep theirs (the best addition merge is uniform TSV-M, λ = 1.5)
     space["genome"] = {"granularity": "layer", "methods": list(args.methods), "weights": {"low": args.low, "high": 2.5},
                        "row_blocks": args.row_blocks}
-    space["engine"] = {"name": "pymoo", "population": args.population, "generations": args.generations}
+    space["engine"] = {"name": args.engine, "population": args.population, "generations": args.generations}
     space["executor"] = {"kind": "local"}
     for key in ("models", "bank"):
         block = space[key]
