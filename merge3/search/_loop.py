@@ -312,9 +312,10 @@ class Search:
         for k, name in enumerate(self.objectives.names):
             if name == "mean":
                 bonus[k] = weight * float(soft)
-            elif name in self.objectives.forgotten and self.objectives.forgotten[name][0] in per_task:
+            elif name in self.objectives.forgotten:
                 task, floor = self.objectives.forgotten[name]
-                bonus[k] = -weight * max(float(per_task[task]), floor)
+                if task in per_task:  # records from before per-task soft scores have none
+                    bonus[k] = -weight * max(float(per_task[task]), floor)
         return bonus
 
     def _evaluate(self, generation: int, genomes: list[dict], lines: list[Evaluation]) -> list[Evaluation]:
