@@ -3,7 +3,6 @@
 import json
 import signal
 from dataclasses import replace
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -169,12 +168,10 @@ def test_soft_scores_are_recorded_per_answer_and_only_change_what_the_engine_ran
     gen0 = lambda run: [(r.index, r.scores) for r in run.run.records() if r.generation == 0 and r.rung == 0]  # noqa: E731
     assert gen0(soft) == gen0(plain), "estimates stay on 0/1 answers: generation 0 (same genomes) is unchanged"
     # what the engine is told: −(mean + 2 × soft score), at the fidelity it sees; other objectives get nothing
-    from merge3.search._loop import Objectives, Search
+    from merge3.search._loop import Objectives
 
-    loop = Search.__new__(Search)
     tasks = list(calibrated_zoo.finetuned)
-    loop.fitness = SimpleNamespace(rank_soft=2.0, rank_z=0.0, engine_sees_first=True)
-    loop.objectives = Objectives(["mean"], tasks)
+    loop = told_by(rank_soft=2.0, engine_sees_first=True, objectives=Objectives(["mean"], tasks))
     rung0 = next(r for r in lines if r.rung == 0)
     assert loop._told(rung0) == pytest.approx([-(rung0.objectives[0] + 2.0 * rung0.details["soft"])])
     top = promoted[0]
@@ -215,15 +212,24 @@ def test_full_fitness_with_soft_ranks_a_forget_objective_by_the_tasks_soft_score
         p = np.asarray(r.answers["soft"])
         assert r.details["soft_tasks"] == pytest.approx(bank.per_task_accuracy(p, rows))
         assert r.details["soft_tasks_first"] == r.details["soft_tasks"]
-    from merge3.search._loop import Objectives, Search
+    from merge3.search._loop import Objectives
 
-    loop = Search.__new__(Search)
-    loop.fitness = SimpleNamespace(rank_soft=3.0, rank_z=0.0, engine_sees_first=False)
-    loop.objectives = Objectives([f"forget:{tasks[0]}"], tasks, chance=bank.chance_accuracy())
+    loop = told_by(rank_soft=3.0, engine_sees_first=False,
+                   objectives=Objectives([f"forget:{tasks[0]}"], tasks, chance=bank.chance_accuracy()))
     r = records[0]
     floor = bank.chance_accuracy()[tasks[0]]
     assert loop._told(r) == pytest.approx([max(r.scores[tasks[0]], floor)
                                            + 3.0 * max(r.details["soft_tasks"][tasks[0]], floor)])
+
+
+def told_by(rank_soft: float, engine_sees_first: bool, objectives):
+    """A search loop with only what ``_told`` reads: what the engine would be told of a record."""
+    from merge3.search._loop import Search
+
+    loop = Search.__new__(Search)
+    loop.fitness = SimpleNamespace(rank_soft=rank_soft, rank_z=0.0, engine_sees_first=engine_sees_first)
+    loop.objectives = objectives
+    return loop
 
 
 def calibrated_zoo_tasks(record, outcome) -> np.ndarray:
