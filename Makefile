@@ -28,11 +28,15 @@ install: $(VENV)/.stamp-$(KEY)-base
 demo: $(VENV)/.stamp-$(KEY)-base
 	$(BIN)/merge3 demo
 
+# One pytest worker per core, each with one torch thread (MERGE3_THREADS=1). Whole files go to a worker
+# (--dist loadfile), so a module's fixtures (the SmolLM zoo) are built once; each worker is one pytest session
+# with its own session fixtures and at most one Ray.
+TEST_WORKERS ?= 2
 test: $(VENV)/.stamp-$(KEY)-test,examples
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: $(VENV)/.stamp-$(KEY)-test,examples
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # py-irt pins Python < 3.12, pandas < 3 and rich < 14: it gets its own environment, only for the cross-check.
 PYIRT_VENV ?= .venv-pyirt

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -384,16 +383,13 @@ def test_aligned_averaging_beats_naive_averaging_on_digits(digits_models):
     individual = [_accuracy(m, x, y) for m in models]
     naive = _accuracy(average_state_dicts(models), x, y)
 
-    start = time.perf_counter()
     result = c2m3(models)  # spec inferred from the state dict
-    seconds = time.perf_counter() - start
     merged = _accuracy(result.merged, x, y)
 
     assert min(individual) > 0.9
     assert naive < 0.7  # different seeds: averaging unaligned units destroys the function
     assert merged > naive + 0.25 and merged > min(individual) - 0.04, (individual, naive, merged)
     assert result.objective > _hard_objective(models, infer_mlp_spec(models[0]))
-    assert seconds < 60, seconds  # a few seconds on one core; a gross slowdown would show
 
 
 def test_two_model_merges_beat_naive_averaging_on_digits(digits_models):

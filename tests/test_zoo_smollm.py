@@ -282,9 +282,9 @@ def test_reduced_zoo_is_cached_and_deterministic(reduced_zoo):
                                     training_sequences)
 
     zoo, root, _ = reduced_zoo
-    started = time.perf_counter()
-    again = build_smollm_zoo(root / "zoo", root / "banks", reduced=True, log=lambda *a: None)
-    assert time.perf_counter() - started < 5 and again.info == zoo.info
+    said = []
+    again = build_smollm_zoo(root / "zoo", root / "banks", reduced=True, log=said.append)
+    assert again.info == zoo.info and any("cached at" in line for line in said), said  # reused, not rebuilt
     # the same seed gives the same weights: convert again and repeat one fine-tune
     recipe = reduced_recipe()
     base, tok, _ = load_gguf(gguf_path(), recipe.num_layers)
