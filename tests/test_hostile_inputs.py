@@ -825,6 +825,17 @@ def _federated_run_edited(mutate: Callable[[Path], None]):
     return setup
 
 
+def _linked_outside(name: str):
+    """A mutation: the run's ``name`` replaced by a symbolic link to a user's file outside the run (which resume
+    would otherwise truncate or append to: the snapshot checks it is untouched)."""
+    def mutate(run: Path, paths: dict | None = None):
+        victim = run.parent / f"users-{name.strip('.')}.txt"
+        victim.write_bytes((run / name).read_bytes() if (run / name).exists() else b"a user's notes\n")
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(victim)
+    return mutate
+
+
 FEDERATE = [
     C("zero-clients", "federate f.yaml", "field 'data.clients'", files={"f.yaml": fed(data={"clients": []})}),
     C("zero-rounds", "federate f.yaml", "field 'rounds'", "greater than or equal to 1",
@@ -877,6 +888,9 @@ FEDERATE = [
       setup=_federated_run_edited(lambda run: (run / "federation.json").write_text("[]"))),
     C("resume-rounds-emptied", "federate --resume runs/done", "rounds.jsonl holds no finished round",
       setup=_federated_run_edited(lambda run: (run / "rounds.jsonl").write_text(""))),
+    *[C(f"resume-{name.strip('.')}-a-link-outside", "federate --resume runs/done",
+        f"'runs/done/{name}' is a symbolic link", setup=_federated_run_edited(_linked_outside(name)))
+      for name in (".lock", "rounds.jsonl", "log.txt")],
     C("resume-rounds-a-list-line", "federate --resume runs/done", "rounds.jsonl holds no finished round",
       setup=_federated_run_edited(lambda run: (run / "rounds.jsonl").write_text("[1]\n"))),
 ]
@@ -961,6 +975,8 @@ RUNS = [
     C("resume-a-model-folder", "resume @base", "is not a merge3 run folder"),
     C("resume-lock-is-a-folder", "resume run --quiet", "run/.lock",
       setup=_run_copy(lambda run, paths: ((run / ".lock").unlink(), (run / ".lock").mkdir()))),
+    *[C(f"resume-{name.strip('.')}-a-link-outside", "resume run --quiet", f"'run/{name}' is a symbolic link",
+        setup=_run_copy(_linked_outside(name))) for name in (".lock", "evaluations.jsonl", "log.txt")],
     C("resume-endpoint-gone", "resume run --quiet", "'@w/nowhere' does not exist",
       setup=_run_copy(_config(endpoints=["@w/nowhere", "@b"]))),
     C("resume-endpoint-now-nan", "resume run --quiet", "@nan has 1 NaN/Inf value(s)",

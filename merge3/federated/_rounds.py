@@ -33,7 +33,7 @@ from merge3.federated._clients import ClientWorker, LocalClients, RayClients, cl
 from merge3.federated._config import FederatedConfig, load_federated, parse_federated
 from merge3.federated._server import RayServer, ServerWorker, score
 from merge3.itembank import ItemBank
-from merge3.models import MLP, load_model, load_state_dict, plain, save_state_dict, write_text_atomic
+from merge3.models import MLP, check_not_a_link, load_model, load_state_dict, open_no_link, plain, save_state_dict, write_text_atomic
 from merge3.runs import RunLock, new_run_folder
 from merge3.zoo import digits_clients, write_federated_bank
 
@@ -79,7 +79,7 @@ class FederatedRun:
         write_text_atomic(self.path / META, json.dumps(plain({**meta, **updates}), indent=2) + "\n")
 
     def log(self, message: str) -> None:
-        with open(self.path / "log.txt", "a") as f:
+        with open_no_link(self.path / "log.txt", what="the run's log") as f:
             f.write(f"{_now()} {message}\n")
 
     def global_folder(self, round_: int) -> Path:
@@ -120,7 +120,7 @@ class FederatedRun:
         return self.global_folder(done[-1]["round"])
 
     def append_round(self, record: dict) -> None:
-        with open(self.path / ROUNDS, "a") as f:
+        with open_no_link(self.path / ROUNDS, what="the run's rounds") as f:
             f.write(json.dumps(plain(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -161,6 +161,8 @@ def resume_federation(run_dir: str | os.PathLike, *, log=print) -> FederatedRun:
     run = FederatedRun.open(run_dir)
     lock = RunLock(run.path).acquire()
     try:
+        check_not_a_link(run.path / ROUNDS, "the run's rounds")  # appended to: never through a link
+        check_not_a_link(run.path / "log.txt", "the run's log")
         config = run.config
         if run.meta.get("status") == "finished":
             raise Merge3Error(f"federated run '{run.path}' has already finished")

@@ -12,6 +12,7 @@ from merge3.models._io import (
     StateDict,
     atomic_dir,
     check_folder_name,
+    check_not_a_link,
     copy_model_files,
     file_sha256,
     load_state_dict,
@@ -25,6 +26,8 @@ from merge3.models._io import (
     plain,
     read_yaml_mapping,
     safe_load_yaml,
+    no_link_fd,
+    open_no_link,
     write_text_atomic,
 )
 from merge3.models._packs import PackStateDict, check_pack_base, compress_models, is_pack, pack_base, truncated_svd, weights_sha256
@@ -77,9 +80,12 @@ __all__ = [
     "weight_files",
     "weights_sha256",
     "check_folder_name",
+    "check_not_a_link",
     "file_in_the_way",
     "plain",
     "read_yaml_mapping",
     "safe_load_yaml",
+    "no_link_fd",
+    "open_no_link",
     "write_text_atomic",
 ]

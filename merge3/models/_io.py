@@ -8,6 +8,7 @@ written to a temporary folder and renamed into place.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -350,6 +351,49 @@ def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def open_no_link(path: str | os.PathLike, what: str = "file"):
+    """Open ``path`` (text, created if missing) for appending without following a symbolic link: a run folder
+    handed over by someone else cannot make merge3 write into a file outside it (a link at ``.lock`` or
+    ``evaluations.jsonl`` would otherwise truncate or grow its target). A link is one ``Merge3Error`` naming
+    ``what``.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> with open_no_link(folder / "log.txt") as f:
+    ...     _ = f.write("one line\\n")
+    >>> (folder / "link.txt").symlink_to(folder / "log.txt")
+    >>> try:
+    ...     open_no_link(folder / "link.txt", what="the run's log")
+    ... except Merge3Error as e:
+    ...     print(str(e).endswith("is a symbolic link: merge3 never writes through a link in a run folder "
+    ...                           "(replace it with the file it points to)"))
+    True
+    """
+    return os.fdopen(no_link_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what), "a")
+
+
+def no_link_fd(path: str | os.PathLike, flags: int, what: str = "file") -> int:
+    """``os.open(path, flags | O_NOFOLLOW)``, a symbolic link or an unwritable path being one ``Merge3Error`` (see
+    :func:`open_no_link`); for callers that need the descriptor itself (the run lock's ``flock``)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _a_link(path, what) from None
+        raise _unwritable(Path(path), e) from None
+
+
+def check_not_a_link(path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse ``path`` when it is a symbolic link (the message :func:`open_no_link` gives), before any work starts."""
+    if Path(path).is_symlink():
+        raise _a_link(path, what)
+
+
+def _a_link(path, what: str) -> Merge3Error:
+    return Merge3Error(f"{what} '{path}' is a symbolic link: merge3 never writes through a link in a run folder "
+                       "(replace it with the file it points to)")
 
 
 def plain(value, nonfinite_as_none: bool = False):

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from merge3._errors import Merge3Error
+from merge3.models import no_link_fd
 
 LOCK_FILE = ".lock"
 
@@ -32,7 +33,7 @@ class RunLock:
         self.took_over: dict | None = None  # the holder of a stale lock, when one was taken over
 
     def acquire(self) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = no_link_fd(self.path, os.O_RDWR | os.O_CREAT, "the run's lock")  # never a link: it is truncated below
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -30,7 +30,7 @@ import yaml
 
 from merge3 import __version__
 from merge3._errors import Merge3Error
-from merge3.models import check_folder_name, file_in_the_way, plain, safe_load_yaml, write_text_atomic
+from merge3.models import check_folder_name, check_not_a_link, file_in_the_way, open_no_link, plain, safe_load_yaml, write_text_atomic
 from merge3.runs._lock import RunLock
 from merge3.search import Evaluation, latest
 
@@ -101,6 +101,12 @@ class Run:
         process is writing it. A lock left by a dead process is taken over."""
         if self._lock is None:
             self._lock = RunLock(self.path).acquire()
+            try:  # the files it appends to: a link would make it write outside the run (a run someone handed over)
+                check_not_a_link(self.path / EVALUATIONS, "the run's evaluations")
+                check_not_a_link(self.path / "log.txt", "the run's log")
+            except Merge3Error:
+                self.unlock()
+                raise
             if self._lock.took_over:
                 gone = self._lock.took_over
                 self.log(f"took over the lock of pid {gone.get('pid')} on {gone.get('host')} (no longer running)")
@@ -147,7 +153,7 @@ class Run:
     # ---- the Recorder protocol ----------------------------------------------------------------------------
     def evaluation(self, record: Evaluation) -> None:
         if self._evaluations is None:
-            self._evaluations = open(self.path / EVALUATIONS, "a")
+            self._evaluations = open_no_link(self.path / EVALUATIONS, what="the run's evaluations")
         self._evaluations.write(dumps(record.to_json()) + "\n")
         self._evaluations.flush()
         os.fsync(self._evaluations.fileno())
@@ -160,7 +166,7 @@ class Run:
         )
 
     def log(self, message: str) -> None:
-        with open(self.path / "log.txt", "a") as f:
+        with open_no_link(self.path / "log.txt", what="the run's log") as f:
             f.write(f"{_now()} {message}\n")
 
     def close(self) -> None:
