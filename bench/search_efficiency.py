@@ -98,6 +98,8 @@ STRATEGIES = {
     # 13 per task is the per-layer target's point: 300 candidates x 5 tasks x 13 = 19,500 items, 46x fewer than full
     "fixed-naive13": ("naive", 13, "random", {}),
     "fixed-naive13-soft2": ("naive", 13, "random", {"soft": 2.0}),
+    "fixed-gp13": ("gp-irt", 13, "anchor", {}),  # anchors clustered on the calibration: less of a draw's lottery
+    "fixed-gp13-soft2": ("gp-irt", 13, "anchor", {"soft": 2.0}),
     "fresh-cv13-promo-first-soft2": ("cv-irt", 13, "random", {"items": "fresh", "soft": 2.0,
                                                                "promotion": {**PROMOTE2, "engine_sees": "first"}}),
     "weighted-cv15-promo-first-soft2": ("cv-irt", 15, "random", {"items": "fresh", "sampling": "uncertainty",
