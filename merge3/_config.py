@@ -18,6 +18,9 @@ def _not_a_boolean(value):
 
 MAX_SEED = 2**32 - 1  # what numpy's RandomState, scikit-learn and torch's generators all take
 Seed = Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=0, le=MAX_SEED)]
+# The most candidates one generation (or one calibration) builds: a typo such as 10**30 would otherwise fill memory
+# with genomes before anything is evaluated. pymoo and Optuna populations are tens to thousands.
+MAX_CANDIDATES = 100_000
 
 
 class StrictConfig(BaseModel):
@@ -37,4 +40,4 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
-__all__ = ["MAX_SEED", "Seed", "StrictConfig"]
+__all__ = ["MAX_CANDIDATES", "MAX_SEED", "Seed", "StrictConfig"]

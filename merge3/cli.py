@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from merge3._config import MAX_SEED
+from merge3._config import MAX_CANDIDATES, MAX_SEED
 from merge3._errors import Merge3Error
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -433,6 +433,7 @@ def _int_at_least(minimum: int, maximum: int | None = None):
 
 
 _SEED, _COUNT, _COUNT0 = _int_at_least(0, MAX_SEED), _int_at_least(1), _int_at_least(0)
+_SUBJECTS = _int_at_least(0, MAX_CANDIDATES)  # calibration's random merges
 
 
 def _distinct_names(text: str | None, paths, what: str) -> list[str]:
@@ -551,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder")
     p.add_argument("--models", nargs="+", required=True, help="endpoint model folders (the fine-tunes)")
     p.add_argument("--names", help="comma-separated endpoint names (default: folder names)")
-    p.add_argument("--random-merges", type=_COUNT0, default=150, help="random merges answering the bank (default 150)")
+    p.add_argument("--random-merges", type=_SUBJECTS, default=150, help="random merges answering the bank (default 150)")
     p.add_argument("--methods", default="task_arithmetic,ties,dare,tsv_merge", help="methods random merges use")
     p.add_argument("--granularity", default="layer", choices=["layer", "block", "attn_mlp", "model"])
     p.add_argument("--ns", type=_sizes, default="5,10,20,50,100", help="items per task to calibrate subsets for")
@@ -618,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo-dir", default="zoo/digits")
     p.add_argument("--banks-dir", default="item_banks")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--random-merges", type=_COUNT0, default=150, help="calibration subjects besides base and endpoints")
+    p.add_argument("--random-merges", type=_SUBJECTS, default=150, help="calibration subjects besides base and endpoints")
     p.add_argument("--top", type=_COUNT, default=3, help="verify this many of the best merges on the full bank")
     p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -669,6 +670,16 @@ def _plain_warning(message, category, filename, lineno, file=None, line=None) ->
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that runs are marked interrupted and partial outputs removed."""
+
+
+def _continue_hint(args: argparse.Namespace) -> str:
+    """How a stopped command goes on: runs resume; anything else is simply run again."""
+    command = getattr(args, "command", "")
+    if command in ("search", "resume", "demo"):
+        return " — the run can be continued with merge3 resume"
+    if command == "federate":
+        return " — the run can be continued with merge3 federate --resume"
+    return ""
 
 
 def _terminate(signum, frame) -> None:
@@ -724,11 +735,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except _Terminated:
-        print("error: terminated (SIGTERM); nothing half-written is left — a run can be continued with merge3 resume "
-              "(a federated run with merge3 federate --resume)", file=sys.stderr)
+        print("error: terminated (SIGTERM); nothing half-written is left" + _continue_hint(args), file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted (Ctrl-C); nothing half-written is left" + _continue_hint(args), file=sys.stderr)
         return 130
     except SystemExit as e:  # user code (an objective's module) called sys.exit
         if e.code in (0, None):

@@ -598,6 +598,12 @@ SEARCH = [
       files={"s.yaml": space(genome={"weights": {"low": 2.0, "high": 1.0}})}),
     C("negative-population", "search s.yaml --runs-dir runs", "field 'engine.population'",
       files={"s.yaml": space(engine={"population": -4})}),
+    C("population-10-to-the-30", "search s.yaml --runs-dir runs", "field 'engine.population'", "100000",
+      files={"s.yaml": space(engine={"population": 10**30})}),
+    C("weights-beyond-the-methods-bounds", "search s.yaml --runs-dir runs", "field 'genome.weights'",
+      "high=20.0 is outside", "weight bounds [-10.0, 10.0]", files={"s.yaml": space(genome={"weights": {"low": 0, "high": 20}})}),
+    C("weights-all-beyond-the-bounds", "search s.yaml --runs-dir runs", "field 'genome.weights'", "low=11.0",
+      files={"s.yaml": space(genome={"weights": {"low": 11, "high": 20}})}),
     C("negative-items-per-task", "search s.yaml --runs-dir runs", "field 'bank.items_per_task'",
       files={"s.yaml": space(bank={"items_per_task": -5})}),
     C("nan-param-range", "search s.yaml --runs-dir runs", "field 'genome.params.ties.density.low'", "finite",
@@ -852,6 +858,14 @@ FEDERATE = [
       files={"f.yaml": fed(aggregate={"method": "slerpy"})}),
     C("method-param-out-of-range", "federate f.yaml", "'density' = 1.5 is out of range",
       files={"f.yaml": fed(aggregate={"method": "ties", "params": {"density": 1.5}})}),
+    C("params-for-three-clients-of-two", "federate f.yaml", "field 'aggregate.params'", "3 values for 2 models",
+      "one per client", files={"f.yaml": fed(aggregate={"method": "task_arithmetic", "params": {"weights": [1, 2, 3]}})}),
+    C("search-weights-reversed", "federate f.yaml", "field 'aggregate.search.weights'", "bounds reversed",
+      files={"f.yaml": fed(aggregate={"search": {"weights": [1.0, 0.0]}})}),
+    C("search-weights-beyond-the-bounds", "federate f.yaml", "field 'aggregate.search.weights'", "is outside",
+      files={"f.yaml": fed(aggregate={"search": {"weights": [0.0, 1e300]}})}),
+    C("search-population-10-to-the-30", "federate f.yaml", "field 'aggregate.search.population'",
+      files={"f.yaml": fed(aggregate={"search": {"population": 10**30}})}),
     C("unknown-search-method", "federate f.yaml", "field 'aggregate.search.methods'",
       files={"f.yaml": fed(aggregate={"search": {"methods": ["slerpy"]}})}),
     C("compress-rank-zero", "federate f.yaml", "field 'compress.rank'", files={"f.yaml": fed(compress={"rank": 0})}),
@@ -1117,16 +1131,18 @@ def test_an_output_folder_made_while_merging_is_kept_and_nothing_is_written(tmp_
     assert [p.name for p in (tmp_path / "empty").iterdir()] == ["model.safetensors"]
 
 
-def test_sigterm_marks_the_run_interrupted_and_resumable(assets, runner, tmp_path):
+@pytest.mark.parametrize("sig, rc, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                            (signal.SIGINT, 130, "interrupted (Ctrl-C)")], ids=["sigterm", "sigint"])
+def test_a_stopped_search_is_marked_interrupted_and_resumable(sig, rc, said, assets, runner, tmp_path):
     (tmp_path / "s.yaml").write_text(_subst(space(engine={"generations": 30}), assets))
     proc = _popen(["search", "s.yaml", "--runs-dir", "runs", "--name", "stopped", "--quiet"], tmp_path)
     run = tmp_path / "runs" / "stopped"
     wait_for_lines(run / "evaluations.jsonl", 4, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
-    assert len(errors) == 1 and "terminated (SIGTERM)" in errors[0], stderr
+    assert proc.returncode == rc and "Traceback" not in stderr, stderr
+    assert len(errors) == 1 and said in errors[0] and "merge3 resume" in errors[0], stderr
     assert stderr.splitlines()[-1] == errors[0]
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "interrupted" and (run / ".lock").read_text() == ""
@@ -1245,6 +1261,8 @@ BANKS = [
     C("calibrate-dims-zero", "calibrate @bank --base @base --models @a --dims 0", "--dims", "'0'"),
     C("calibrate-negative-seed", "calibrate @bank --base @base --models @a --seed -1", "--seed"),
     C("calibrate-negative-merges", "calibrate @bank --base @base --models @a --random-merges -2", "--random-merges"),
+    C("calibrate-10-to-the-12-merges", "calibrate @bank --base @base --models @a --random-merges 1000000000000",
+      "--random-merges", "in 0..100000"),
     C("calibrate-names-count", "calibrate @bank --base @base --models @a @b --names x", "--names has 1 names for 2"),
     C("cli-unknown-command", "bogus", "invalid choice: 'bogus'"),
     C("cli-threads-zero", "--threads 0 leaderboard", "--threads"),

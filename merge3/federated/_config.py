@@ -7,10 +7,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from merge3._config import Seed, StrictConfig
+from merge3._config import MAX_CANDIDATES, Seed, StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.methods import get_method, list_methods
 from merge3.models import read_yaml_mapping
+from merge3.search import weight_range_problem
 from merge3.zoo import domain_transform
 
 DIGITS_INPUTS, DIGITS_CLASSES = 64, 10
@@ -81,7 +82,7 @@ class SearchAggregation(StrictConfig):
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1)
     granularity: Literal["layer", "model"] = "layer"
     weights: tuple[float, float] = (0.0, 1.0)
-    population: int = Field(8, ge=2)
+    population: int = Field(8, ge=2, le=MAX_CANDIDATES)
     generations: int = Field(3, ge=1)
     engine: Literal["pymoo", "optuna", "cmaes"] = "pymoo"
     items_per_task: int | None = Field(None, gt=0, description="search items per task per candidate; null = all")
@@ -92,6 +93,14 @@ class SearchAggregation(StrictConfig):
         for m in methods:
             _method(m)
         return methods
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit_the_methods(cls, weights: tuple[float, float], info) -> tuple[float, float]:
+        problem = weight_range_problem(info.data.get("methods") or [], *weights)
+        if problem:
+            raise ValueError(problem)
+        return weights
 
 
 class AggregationConfig(StrictConfig):
@@ -169,11 +178,17 @@ class FederatedConfig(StrictConfig):
 
 def parse_federated(raw: dict, where: str = "federated config") -> FederatedConfig:
     try:
-        return FederatedConfig.model_validate(raw)
+        config = FederatedConfig.model_validate(raw)
     except ValidationError as e:
         raise Merge3Error(validation_message(e, where)) from None
     except Merge3Error as e:  # a method's own parameter check
         raise Merge3Error(f"{where}: field 'aggregate.params': {e}") from None
+    if config.aggregate.search is None:  # per-client values (weights, densities): one per client, before any run
+        try:
+            _method(config.aggregate.method).validate(config.aggregate.params, n_models=len(config.data.clients))
+        except Merge3Error as e:
+            raise Merge3Error(f"{where}: field 'aggregate.params': {e} (one per client in data.clients)") from None
+    return config
 
 
 def load_federated(path: str | os.PathLike) -> FederatedConfig:

@@ -22,6 +22,7 @@ from merge3._errors import Merge3Error
 from merge3.itembank import Estimator, IRTFit, ItemBank
 from merge3.methods import MERGES_REVISION, get_method
 from merge3.models import atomic_dir, file_sha256, weight_files
+from merge3._config import MAX_CANDIDATES
 from merge3.runtime import EvalRequest
 from merge3.runtime import MergeWorkloadFactory
 from merge3.search._genome import Genome
@@ -71,6 +72,9 @@ def calibrate_bank(bank_path: str | Path, base: str, endpoints: list[str], setti
                               "(it pins Python < 3.12, pandas < 3, rich < 14): use the `make test-pyirt` venv")
     elif settings.backend != "torch":
         raise Merge3Error(f"unknown IRT backend '{settings.backend}' (torch or py-irt)")
+    if not 0 <= settings.random_merges <= MAX_CANDIDATES:
+        raise Merge3Error(f"--random-merges {settings.random_merges}: expected 0..{MAX_CANDIDATES:,} calibration "
+                          "subjects")
     bank = ItemBank.load(bank_path)
     names = names or [Path(p).name for p in endpoints]
     fingerprint = _fingerprint(base, endpoints)

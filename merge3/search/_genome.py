@@ -38,6 +38,28 @@ class Choice:
     options: tuple[str, ...]
 
 
+def weight_range_problem(methods: Sequence[str], low: float, high: float) -> str | None:
+    """Why the per-endpoint weight genes [low, high] do not fit ``methods`` (each method's ``weights`` bounds), or
+    None: a range beyond them would make every candidate outside fail, one by one, after the run began.
+
+    >>> weight_range_problem(["ties", "tsv_merge"], 0.0, 20.0)
+    "high=20.0 is outside ties's weight bounds [-10.0, 10.0]"
+    >>> weight_range_problem(["ties"], 0.0, 1.5) is None
+    True
+    """
+    if not low < high:
+        return f"bounds reversed or empty: low={low} must be below high={high}"
+    for method in methods:
+        spec = get_method(method).params.get("weights")
+        bounds = spec.bounds if spec is not None else None
+        if bounds is None:
+            continue
+        for name, value in (("low", low), ("high", high)):
+            if not bounds.low <= value <= bounds.high:
+                return f"{name}={value} is outside {method}'s weight bounds [{bounds.low}, {bounds.high}]"
+    return None
+
+
 def sample_variables(variables: Mapping[str, Real | Choice], rng) -> dict[str, Any]:
     """A uniformly random value for every variable (``rng``: a ``numpy.random.Generator``), in the mapping's order."""
     return {
@@ -90,6 +112,9 @@ class Genome:
         self._evolved = {m: self._evolved_params(m, dict(ranges or {}), self._per_model.get(m, {}))
                          for m in self.methods}
         self._weighted = {m for m in self.methods if "weights" in get_method(m).params}
+        problem = weight_range_problem(sorted(self._weighted), *weight_range) if self._weighted else None
+        if problem:
+            raise Merge3Error(f"genome.weights: {problem}")
         unknown = sorted(set(ranges or {}) - {f"{m}.{p}" for m, ps in self._evolved.items() for p in ps})
         if unknown:
             raise Merge3Error(f"genome.params: '{unknown[0]}' is not an evolvable parameter of the chosen methods")

@@ -9,10 +9,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from merge3._config import Seed, StrictConfig
+from merge3._config import MAX_CANDIDATES, Seed, StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank import ONLINE_ESTIMATORS
 from merge3.models import read_yaml_mapping
+from merge3.search._genome import weight_range_problem
 
 ESTIMATORS = ("full", *ONLINE_ESTIMATORS)  # "full": every search item, no estimator
 GRANULARITIES = ("layer", "block", "attn_mlp", "model")
@@ -156,6 +157,18 @@ class GenomeConfig(StrictConfig):
                                  description="'method.param' per-model parameters with one gene per endpoint "
                                              "(e.g. ties.densities)")
 
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit_the_methods(cls, weights: Range, info: ValidationInfo) -> Range:
+        from merge3.methods import list_methods
+
+        known = set(list_methods())  # an unknown method is refused, with the list, where the genome is built
+        methods = [m for m in info.data.get("methods") or [] if m in known]
+        problem = weight_range_problem(methods, weights.low, weights.high)
+        if problem:
+            raise ValueError(problem)
+        return weights
+
     @field_validator("fixed")
     @classmethod
     def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +200,7 @@ class GenomeConfig(StrictConfig):
 class EngineConfig(StrictConfig):
     name: Literal["pymoo", "optuna", "cmaes"] = "pymoo"
     algorithm: Literal["auto", "ga", "nsga2", "tpe", "cmaes", "random"] = "auto"
-    population: int = Field(16, ge=2)
+    population: int = Field(16, ge=2, le=MAX_CANDIDATES)
     generations: int = Field(10, ge=1)
     max_items: int | None = Field(None, gt=0, description="stop once this many items were evaluated")
     seed_recipes: bool = Field(True, description="start from the uniform recipes (each method × a few scales), "
