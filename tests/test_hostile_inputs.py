@@ -517,7 +517,50 @@ def test_merge(case, assets, runner, tmp_path):
 
 
 # `eval` and `inspect`: the model (or the bank) is the problem
+def _model_copy(edit: Callable[[Path], None]):
+    """A setup: endpoint ``a`` copied to ``m`` in the working folder, then ``edit``ed (its config, its index)."""
+    def setup(paths, work):
+        shutil.copytree(paths["a"], work / "m")
+        edit(work / "m")
+    return setup
+
+
+def _json_edit(name: str, change: Callable[[dict], dict]):
+    def edit(folder: Path):
+        (folder / name).write_text(json.dumps(change(json.loads((folder / name).read_text()))))
+    return edit
+
+
+def _config_with(**fields):
+    return _json_edit("config.json", lambda c: {**{k: v for k, v in c.items() if k not in fields},
+                                                 **{k: v for k, v in fields.items() if v is not None}})
+
+
+def _shard_named(name: str):
+    return _json_edit("model.safetensors.index.json",
+                      lambda i: {**i, "weight_map": {**i["weight_map"], "layers.1.bias": name}})
+
+
+CONFIGS = {  # config.json fields a hand edit (or a hostile folder) can break
+    "sizes-negative": ({"sizes": [8, -16, 16]}, "'sizes' must list at least two layer widths"),
+    "sizes-zero": ({"sizes": [8, 0, 16]}, "whole numbers from 1"),
+    "sizes-a-string": ({"sizes": "abc"}, "got \"abc\""),
+    "sizes-fractional": ({"sizes": [8, 16.5, 16]}, "'sizes' must list"),
+    "sizes-10-to-the-30": ({"sizes": [8, 10**30, 16]}, "'sizes' must list"),
+    "sizes-missing": ({"sizes": None}, "got null"),
+    "sizes-huge-but-whole": ({"sizes": [8, 10**9, 16]}, "do not fit its config.json"),  # refused before allocating
+    "final-activation-a-string": ({"final_activation": "yes"}, "'final_activation' must be true or false"),
+}
+
 EVAL = [
+    *[C(f"config-{name}", "eval m --bank @bank", "m/config.json" if "fit" not in message else "weights in 'm'",
+        message, setup=_model_copy(_config_with(**fields))) for name, (fields, message) in CONFIGS.items()],
+    C("shard-outside-the-folder", "eval m --bank @bank", "names shard \"../b/model-00001-of-00001.safetensors\"",
+      "may not lead outside the model folder", setup=_model_copy(_shard_named("../b/model-00001-of-00001.safetensors"))),
+    C("shard-in-a-subfolder", "eval m --bank @bank", "not a file name in 'm'",
+      setup=_model_copy(_shard_named("@b/model-00001-of-00001.safetensors"))),
+    C("shard-a-folder", "eval m --bank @bank", "names shard 'sub', which is a folder",
+      setup=_model_copy(lambda m: (_shard_named("sub")(m), (m / "sub").mkdir()))),
     C("corrupt-safetensors", "eval @corrupt --bank @bank", "cannot read safetensors file", "@corrupt"),
     C("truncated-safetensors", "eval @truncated --bank @bank", "cannot read safetensors file"),
     C("pickle-bin", "eval @pickle --bank @bank", "not a plain tensor file"),

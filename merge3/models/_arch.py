@@ -49,7 +49,21 @@ class MLP(nn.Module):
         return {"merge3_architecture": "mlp", "sizes": self.sizes, "final_activation": self.final_activation}
 
 
-ARCHITECTURES = {"mlp": lambda cfg: MLP(cfg["sizes"], cfg.get("final_activation", False))}
+def _mlp_from_config(config: dict) -> MLP:
+    """An MLP for a config.json, its fields checked first: a hand-edited or hostile config must not reach torch
+    (negative or fractional widths, a string, 10**30)."""
+    sizes, final = config.get("sizes"), config.get("final_activation", False)
+    widths_ok = isinstance(sizes, list) and len(sizes) >= 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) and 1 <= s < 2**31 for s in sizes)
+    if not widths_ok:
+        raise Merge3Error(f"'sizes' must list at least two layer widths, whole numbers from 1 to 2**31 - 1, "
+                          f"got {json.dumps(sizes)[:80]}")
+    if not isinstance(final, bool):
+        raise Merge3Error(f"'final_activation' must be true or false, got {json.dumps(final)[:40]}")
+    return MLP(sizes, final)
+
+
+ARCHITECTURES = {"mlp": _mlp_from_config}
 
 
 def read_config(path: str | os.PathLike) -> dict | None:
@@ -123,7 +137,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", hf_c
     if is_pack(path):
         return _load_pack(path, device, hf_class)
     if "merge3_architecture" in config:
-        module = build_model(config)
+        try:
+            with torch.device("meta"):  # shapes only: the weights below say whether the config fits before allocating
+                module = build_model(config)
+        except Merge3Error as e:
+            raise Merge3Error(f"'{path / 'config.json'}': {e}") from None
         state = load_state_dict(path)
         expected = module.state_dict()
         missing = [k for k in expected if k not in state]
@@ -136,6 +154,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", hf_c
             raise Merge3Error(f"weights in '{path}' do not fit its config.json: '{k}' is "
                               f"{'×'.join(map(str, state[k].shape))}, the config makes it "
                               f"{'×'.join(map(str, expected[k].shape))}")
+        module = module.to_empty(device="cpu")
         module.load_state_dict(state)
         return module.to(device).eval()
     import transformers

@@ -50,10 +50,18 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise Merge3Error(f"'{index}' has no weight_map")
-            shards = [path / name for name in sorted(set(weight_map.values()))]
+            names = set(weight_map.values())
+            outside = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n]
+            if outside:  # shards sit beside their index, as Hugging Face writes them: no path may lead elsewhere
+                raise Merge3Error(f"'{index}' names shard {json.dumps(outside[0])}, which is not a file name in "
+                                  f"'{path}' (a shard path may not lead outside the model folder)")
+            shards = [path / name for name in sorted(names)]
             missing = [s.name for s in shards if not s.exists()]
             if missing:
                 raise Merge3Error(f"'{index}' names shard '{missing[0]}', which is missing from '{path}'")
+            folders = [s.name for s in shards if s.is_dir()]
+            if folders:
+                raise Merge3Error(f"'{index}' names shard '{folders[0]}', which is a folder in '{path}', not a file")
             return shards
     for name in _SINGLE_FILES:
         if (path / name).exists():
