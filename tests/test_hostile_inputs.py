@@ -215,10 +215,11 @@ def _nan_head() -> bytes:
     return save({"weight": weight, "bias": torch.zeros(3)})
 
 
-def _with_input(row: int, vector) -> Callable[[pd.DataFrame], pd.DataFrame]:
+def _with_input(row: int, vector, dtype=np.float32) -> Callable[[pd.DataFrame], pd.DataFrame]:
     def change(items: pd.DataFrame) -> pd.DataFrame:
         items = items.copy()
-        items.at[row, "input"] = np.asarray(vector, dtype=np.float32)
+        items["input"] = [np.asarray(v, dtype=dtype) for v in items["input"]]  # parquet wants one dtype per column
+        items.at[row, "input"] = np.asarray(vector, dtype=dtype)
         return items
     return change
 
@@ -293,6 +294,7 @@ def assets(tmp_path_factory):
     _bank(banks / "nan_head", heads={"a": _nan_head(), "b": _head()})
     _bank(banks / "nan_input", items=_with_input(30, [0.0] * 7 + [float("nan")]))
     _bank(banks / "ragged_input", items=_with_input(30, [0.5] * 5))
+    _bank(banks / "huge_input", items=_with_input(30, [1e300] + [0.0] * 7, dtype=np.float64))  # Inf as float32
     _bank(banks / "binary_yaml")
     (banks / "binary_yaml" / "bank.yaml").write_bytes(b"\xff\xfe name: x\n")
 
@@ -305,7 +307,7 @@ def assets(tmp_path_factory):
              **{name: bad / name for name in ("nan", "inf", "shape", "big", "int", "corrupt", "truncated", "pickle", "evil",
                                               "noconfig", "noweights", "badconfig", "listconfig", "otherarch")},
              **{name: banks / name for name in ("no_head", "corrupt_head", "wide_head", "narrow_items", "binary_yaml",
-                                                 "nan_head", "nan_input", "ragged_input")}}
+                                                 "nan_head", "nan_input", "ragged_input", "huge_input")}}
     paths = {k: str(v) for k, v in paths.items()}
     outcome = merge3.search(_subst(_space_dict(), paths), runs_dir=root / "runs", name="good", progress=False)
     assert outcome.run.meta["status"] == "finished"
@@ -517,6 +519,10 @@ def test_merge(case, assets, runner, tmp_path):
 
 
 # `eval` and `inspect`: the model (or the bank) is the problem
+def _drop_column(file: Path, column: str) -> None:
+    pd.read_parquet(file).drop(columns=[column]).to_parquet(file)
+
+
 def _model_copy(edit: Callable[[Path], None]):
     """A setup: endpoint ``a`` copied to ``m`` in the working folder, then ``edit``ed (its config, its index)."""
     def setup(paths, work):
@@ -586,6 +592,10 @@ EVAL = [
     C("bank-items-too-narrow", "eval @base --bank @narrow_items", "input"),
     C("bank-head-nan", "eval @base --bank @nan_head", "head file 'heads/a.safetensors' for task 'a' holds NaN/Inf"),
     C("bank-item-input-nan", "eval @base --bank @nan_input", "item 'b-6' has NaN/Inf in its 'input'"),
+    C("bank-item-input-beyond-float32", "eval @base --bank @huge_input", "item 'b-6' has an 'input' value beyond "
+      "float32's range"),
+    C("bank-split-column-dropped", "eval @base --bank bank", "bank.yaml has a split but the items lack column 'split'",
+      setup=lambda a, w: (shutil.copytree(a["bank"], w / "bank"), _drop_column(w / "bank" / "items.parquet", "split"))),
     C("bank-item-input-ragged", "eval @base --bank @ragged_input", "item 'b-6' has 5 input values, the other items 8"),
     C("bank-yaml-not-utf8", "eval @base --bank @binary_yaml", "bank.yaml"),
 ]

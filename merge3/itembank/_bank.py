@@ -206,8 +206,9 @@ class ItemBank:
         self.item_ids: list[str] = [str(i) for i in self.items["item_id"]]
         self.task_of = self.items["task"].to_numpy().astype(str)
         self.task_indices = {t: np.flatnonzero(self.task_of == t) for t in self.tasks}
-        self.split_of = (self.items[SPLIT_COLUMN].to_numpy().astype(str) if spec.split is not None
-                         else np.full(len(self.items), "search"))
+        self.split_of = (self.items[SPLIT_COLUMN].to_numpy().astype(str)
+                         if spec.split is not None and SPLIT_COLUMN in self.items.columns
+                         else np.full(len(self.items), "search"))  # a missing column: _validate_split says so
         self._validate_split()
         if spec.split is None and warn:
             warnings.warn(f"item bank '{path}' has no test split: test scores are unavailable and every score is on "

@@ -141,6 +141,11 @@ def _input_matrix(bank: ItemBank) -> np.ndarray:
                               "of numbers")
         if not np.isfinite(row).all():
             raise Merge3Error(f"item bank '{bank.path}': item '{bank.item_ids[k]}' has NaN/Inf in its 'input'")
+        with np.errstate(over="ignore"):
+            beyond = not np.isfinite(row.astype(np.float32)).all()
+        if beyond:  # the model reads float32: 1e300 would reach it as Inf
+            raise Merge3Error(f"item bank '{bank.path}': item '{bank.item_ids[k]}' has an 'input' value beyond "
+                              f"float32's range (±{np.finfo(np.float32).max:.3g})")
         rows.append(row)
     sizes = np.array([r.size for r in rows])
     usual = int(np.bincount(sizes).argmax()) if rows else 0
