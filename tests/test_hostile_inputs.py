@@ -196,12 +196,13 @@ def _head(rows: int = 3, cols: int = 16) -> bytes:
 
 
 def _bank(path: Path, heads: dict[str, bytes] | None = None, width: int = 8,
-          items: Callable[[pd.DataFrame], pd.DataFrame] = lambda items: items) -> Path:
+          items: Callable[[pd.DataFrame], pd.DataFrame] = lambda items: items, headless: bool = False) -> Path:
     from merge3.itembank import BankSpec, write_bank
 
-    heads = heads or {t: _head() for t in "ab"}
+    heads = {} if headless else heads or {t: _head() for t in "ab"}
     spec = BankSpec(name="tiny", tasks=["a", "b"],
-                    evaluator={"kind": "classifier", "heads": {t: f"heads/{t}.safetensors" for t in "ab"}})
+                    evaluator={"kind": "classifier",
+                               "heads": None if headless else {t: f"heads/{t}.safetensors" for t in "ab"}})
     files = {f"heads/{t}.safetensors": data for t, data in heads.items()}
     write_bank(path, spec, items(_items(width)), files, test_fraction=0.25, seed=0)
     return path
@@ -294,6 +295,7 @@ def assets(tmp_path_factory):
     _bank(banks / "nan_head", heads={"a": _nan_head(), "b": _head()})
     _bank(banks / "nan_input", items=_with_input(30, [0.0] * 7 + [float("nan")]))
     _bank(banks / "ragged_input", items=_with_input(30, [0.5] * 5))
+    _bank(banks / "headless", headless=True)  # the model's 16 outputs would be read as 16 class logits
     _bank(banks / "huge_input", items=_with_input(30, [1e300] + [0.0] * 7, dtype=np.float64))  # Inf as float32
     _bank(banks / "binary_yaml")
     (banks / "binary_yaml" / "bank.yaml").write_bytes(b"\xff\xfe name: x\n")
@@ -307,7 +309,8 @@ def assets(tmp_path_factory):
              **{name: bad / name for name in ("nan", "inf", "shape", "big", "int", "corrupt", "truncated", "pickle", "evil",
                                               "noconfig", "noweights", "badconfig", "listconfig", "otherarch")},
              **{name: banks / name for name in ("no_head", "corrupt_head", "wide_head", "narrow_items", "binary_yaml",
-                                                 "nan_head", "nan_input", "ragged_input", "huge_input")}}
+                                                 "nan_head", "nan_input", "ragged_input", "huge_input",
+                                                 "headless")}}
     paths = {k: str(v) for k, v in paths.items()}
     outcome = merge3.search(_subst(_space_dict(), paths), runs_dir=root / "runs", name="good", progress=False)
     assert outcome.run.meta["status"] == "finished"
@@ -592,6 +595,10 @@ EVAL = [
     C("bank-items-too-narrow", "eval @base --bank @narrow_items", "input"),
     C("bank-head-nan", "eval @base --bank @nan_head", "head file 'heads/a.safetensors' for task 'a' holds NaN/Inf"),
     C("bank-item-input-nan", "eval @base --bank @nan_input", "item 'b-6' has NaN/Inf in its 'input'"),
+    C("bank-without-heads-for-an-encoder", "eval @base --bank @headless", "has no heads",
+      "it gives 16 per item, the bank's answers are 3 classes"),
+    C("bank-without-heads-for-an-encoder-search", "search s.yaml --runs-dir runs", "has no heads", "gives 16 per item",
+      files={"s.yaml": space(bank={"path": "@headless"})}),
     C("bank-item-input-beyond-float32", "eval @base --bank @huge_input", "item 'b-6' has an 'input' value beyond "
       "float32's range"),
     C("bank-split-column-dropped", "eval @base --bank bank", "bank.yaml has a split but the items lack column 'split'",

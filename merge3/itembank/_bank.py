@@ -68,6 +68,8 @@ class ClassifierSpec(StrictConfig):
     kind: Literal["classifier"]
     heads: dict[str, str] | None = None
     batch_size: int = Field(1024, gt=0)
+    classes: int | None = Field(None, ge=2, description="without heads: how many class logits the model outputs "
+                                "(default: the highest answer + 1); a model of another output width is refused")
 
 
 class MultipleChoiceSpec(StrictConfig):

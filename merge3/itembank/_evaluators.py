@@ -59,6 +59,11 @@ class ClassifierEvaluator:
             raise Merge3Error(f"item bank '{bank.path}': evaluator.heads has no head for task '{missing[0]}'")
         for task, (weight, _) in self.heads.items():
             _check_answers(bank, task, weight.shape[0])
+        # without heads the model's outputs are the logits: an encoder (1024 features) would score 0.0 in silence
+        self.classes = spec.classes or (int(self.answers.max()) + 1 if self.answers.size else 0)
+        if spec.heads is None and spec.classes is not None:
+            for task in bank.tasks:
+                _check_answers(bank, task, spec.classes)
 
     def _task_logits(self, model: nn.Module, indices: np.ndarray):
         """(positions in ``indices``, class logits) per task: through the task's head when the bank has heads."""
@@ -76,6 +81,11 @@ class ClassifierEvaluator:
                                           f"({self.bank.spec.evaluator.heads[task]}) takes {weight.shape[1]} features; "
                                           f"the model gives {out.shape[-1]}")
                     out = out @ weight.T + bias
+                elif out.shape[-1] != self.classes:
+                    raise Merge3Error(f"item bank '{self.bank.path}' has no heads, so the model's outputs are its class "
+                                      f"logits: it gives {out.shape[-1]} per item, the bank's answers are "
+                                      f"{self.classes} classes (an encoder needs evaluator.heads; set "
+                                      "evaluator.classes if the model outputs classes the bank never answers)")
                 chunks.append(out)
             yield where, torch.cat(chunks)
 
@@ -162,8 +172,8 @@ def _check_answers(bank: ItemBank, task: str, classes: int) -> None:
     bad = np.flatnonzero((answers < 0) | (answers >= classes))
     if bad.size:
         item = bank.item_ids[bank.task_indices[task][bad[0]]]
-        raise Merge3Error(f"item bank '{bank.path}': item '{item}' has answer {answers[bad[0]]}, but the head of task "
-                          f"'{task}' has {classes} classes")
+        raise Merge3Error(f"item bank '{bank.path}': item '{item}' has answer {answers[bad[0]]}, but task '{task}' has "
+                          f"{classes} classes (its head's outputs, or evaluator.classes)")
 
 
 def load_head_file(bank: ItemBank, task: str, file: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
