@@ -1028,15 +1028,23 @@ CORRUPT = {
                                   "run/evaluations.jsonl: line 3 is not an evaluation record"),
     "evaluations-text-score": (_line(2, lambda r: {**r, "scores": {"a": "x", "b": None}}),
                                "run/evaluations.jsonl: line 3 is not an evaluation record"),
+    "verified-text-score": (_write("verified.json", json.dumps({"0/0": {"test": {"a": "high"}, "test_mean": 0.5}})),
+                            "run/verified.json: entry '0/0' field 'test' is not a mapping of task → accuracy"),
+    "verified-impossible-score": (_write("verified.json", json.dumps({"0/0": {"test": {"a": 7.5}}})),
+                                  "run/verified.json: entry '0/0' field 'test'"),
+    "verified-nan-mean": (_write("verified.json", '{"0/0": {"test": null, "test_mean": NaN}}'),
+                          "run/verified.json: entry '0/0' field 'test_mean' is NaN, not an accuracy in [0, 1]"),
+    "verified-not-a-record": (_write("verified.json", '{"0/0": [1]}'),
+                              "run/verified.json: entry '0/0' is not a verification record"),
     "evaluations-three-objectives": (_line(2, lambda r: {**r, "objectives": [0.1, 0.2, 0.3]}),
                                      "run/evaluations.jsonl: line 3 has 3 objectives where line 1 has 1"),
 }
 
 RUNS = [
     *[C(f"resume-{name}", "resume run --quiet", message, setup=_run_copy(mutate))
-      for name, (mutate, message) in CORRUPT.items()],
+      for name, (mutate, message) in CORRUPT.items() if not name.startswith("verified")],  # resume never reads it
     *[C(f"export-{name}", "export run --out out", message, setup=_run_copy(mutate))
-      for name, (mutate, message) in CORRUPT.items() if name.startswith(("config", "evaluations"))],
+      for name, (mutate, message) in CORRUPT.items() if name.startswith(("config", "evaluations", "verified"))],
     *[C(f"report-{name}", "report run", message, setup=_run_copy(mutate))
       for name, (mutate, message) in CORRUPT.items() if not name.startswith("evaluations-not-a")],
     C("verify-evaluations-middle-line", "verify run", "line 4 is corrupt",
@@ -1088,18 +1096,19 @@ def test_runs(case, assets, runner, tmp_path):
     run_case(case, assets, runner, tmp_path)
 
 
-def test_leaderboard_skips_a_corrupt_run_with_one_warning(assets, runner, tmp_path):
+@pytest.mark.parametrize("damage", ["evaluations-middle-line", "verified-impossible-score", "verified-nan-mean"])
+def test_leaderboard_skips_a_corrupt_run_with_one_warning(damage, assets, runner, tmp_path):
     runs = tmp_path / "runs"
     for name in ("first", "second", "broken"):
         shutil.copytree(assets["run"], runs / name)
-    _line(3, '{"generation": 0, "ind\n')(runs / "broken")
+    mutate, message = CORRUPT[damage]
+    mutate(runs / "broken", {})
     before = snapshot(tmp_path)
     for fmt in ("csv", "table"):
         out = runner(["leaderboard", "runs", "--format", fmt, "--no-baselines"], tmp_path, {})
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
-        assert out.stderr.splitlines() == [
-            "warning: skipping run broken: runs/broken/evaluations.jsonl: line 4 is corrupt (not the last line, so "
-            "not a cut write)"]
+        (warning,) = out.stderr.splitlines()
+        assert warning.startswith("warning: skipping run broken: runs/broken/") and message[len("run/"):] in warning
         assert "first" in out.stdout and "second" in out.stdout and "broken" not in out.stdout
     csv = runner(["leaderboard", "runs", "--format", "csv", "--no-baselines"], tmp_path, {}).stdout
     board = pd.read_csv(io.StringIO(csv))

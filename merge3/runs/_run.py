@@ -221,10 +221,13 @@ class Run:
         if not path.exists():
             return {}
         entries = _read_mapping(path, json.loads, "a merge3 verified.json")
-        for entry in entries.values():
+        for key, entry in entries.items():
+            if not isinstance(entry, dict):
+                raise Merge3Error(f"{path}: entry '{key}' is not a verification record")
             if "search" not in entry and "true" in entry:
                 entry.update(search=entry.pop("true"), search_mean=entry.pop("true_mean", None), test=None,
                              test_mean=None)
+            _check_verified_scores(path, key, entry)
         return entries
 
     def write_verified(self, entries: dict) -> None:
@@ -270,3 +273,19 @@ def _read_mapping(file: Path, parse, what: str) -> dict:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_verified_scores(path: Path, key: str, entry: dict) -> None:
+    """Every score a verification stored is an accuracy in [0, 1] (or None: no such split): a hand-edited
+    ``verified.json`` must not put 7.5 at the top of a leaderboard, nor NaN quietly switch it to search scores."""
+    def accuracy(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+    for split in ("search", "test"):
+        scores = entry.get(split)
+        if scores is not None and not (isinstance(scores, dict) and all(map(accuracy, scores.values()))):
+            raise Merge3Error(f"{path}: entry '{key}' field '{split}' is not a mapping of task → accuracy in [0, 1]")
+        mean = entry.get(f"{split}_mean")
+        if mean is not None and not accuracy(mean):
+            raise Merge3Error(f"{path}: entry '{key}' field '{split}_mean' is {json.dumps(mean)}, not an accuracy "
+                              "in [0, 1]")
