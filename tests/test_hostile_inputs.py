@@ -404,6 +404,10 @@ NO_CUDA = pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
 MERGE = [
     C("weight-not-a-number", "merge m.yaml --out out", "field 'models.0.parameters.weight'", "got 'abc'",
       files={"m.yaml": merge_yaml(params="weight: abc")}),
+    C("dare-density-in-mergekit-terms", "merge m.yaml --out out", "field 'models.0.parameters.density': 1e-30 is out "
+      "of range [0.01, 1]", files={"m.yaml": merge_yaml("dare_ties", params="weight: 1.0, density: 1.0e-30")}),
+    C("scale-nan-names-the-field-alone", "merge m.yaml --out out", "field 'parameters.scale': Input should be a "
+      "finite number", files={"m.yaml": merge_yaml(extra="parameters: {scale: .nan}\n")}),
     C("weight-a-boolean", "merge m.yaml --out out", "field 'models.0.parameters.weight'", "got True",
       files={"m.yaml": merge_yaml(params="weight: true")}),
     C("corrupt-safetensors", "merge m.yaml --out out", "cannot read safetensors file", "@corrupt",

@@ -84,6 +84,16 @@ models:
     parameters: {weight: 0.6, density: 1.0}
 dtype: float32
 """,
+    "dare_ties_shared_density": """merge_method: dare_ties
+base_model: ROOT/base
+models:
+  - model: ROOT/m1
+    parameters: {weight: 0.7}
+  - model: ROOT/m2
+    parameters: {weight: 0.6}
+parameters: {density: 1.0}
+dtype: float32
+""",
     "ties_per_model_density": """merge_method: ties
 base_model: ROOT/base
 models:
@@ -138,6 +148,30 @@ def test_yaml_merge_matches_mergekit_yaml(hf_models, tmp_path, method):
         # mergekit computes in `dtype`; merge3 computes in float32 and casts at the end: equal up to bf16 rounding
         atol, rtol = (1e-6, 0.0) if value.dtype == torch.float32 else (2e-3, 1e-2)
         assert torch.allclose(ours[key].float(), value.float(), atol=atol, rtol=rtol), key
+
+
+def test_dare_shared_density_is_each_models_density(hf_models, tmp_path):
+    """mergekit's global ``parameters: {density}`` for DARE is merge3's drop_rate = 1 − density, as a per-model one."""
+    shared = _write(hf_models, "dare_shared.yaml", """merge_method: dare_ties
+base_model: base
+models:
+  - {model: m1, parameters: {weight: 1.0}}
+  - {model: m2, parameters: {weight: 0.5}}
+parameters: {density: 0.3}
+seed: 4
+""")
+    each = _write(hf_models, "dare_each.yaml", """merge_method: dare_ties
+base_model: base
+models:
+  - {model: m1, parameters: {weight: 1.0, density: 0.3}}
+  - {model: m2, parameters: {weight: 0.5, density: 0.3}}
+seed: 4
+""")
+    a, b = (load_state_dict(merge_from_config(c, tmp_path / c.stem)) for c in (shared, each))
+    base, m1, m2 = (load_state_dict(hf_models / n) for n in ("base", "m1", "m2"))
+    expected = mm.dare(base, [m1, m2], drop_rate=0.7, weights=[1.0, 0.5], seed=4, combine="ties", normalize=False)
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], base[k]) for k in a)
+    assert all(torch.allclose(a[k], expected[k]) for k in expected)
 
 
 def test_yaml_merge_equals_the_python_function(hf_models, tmp_path):
@@ -212,7 +246,9 @@ def test_refuses_a_non_empty_output_and_leaves_nothing_on_failure(hf_models, tmp
     ("merge_method: task_arithmetic\nbase_model: nowhere\nmodels:\n  - model: m1\n",
      r"field 'base_model': 'nowhere' does not exist"),
     ("merge_method: dare_linear\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 0.0}}\n",
-     r"'drop_rate' = 1.0 is out of range"),
+     r"field 'models.0.parameters.density': 0.0 is out of range \[0.01, 1\] \(dare keeps this fraction"),
+    ("merge_method: dare_ties\nbase_model: base\nparameters: {density: 1.0e-30}\nmodels:\n  - {model: m1}\n",
+     r"field 'parameters.density': 1e-30 is out of range \[0.01, 1\]"),
     ("merge_method: breadcrumbs\nbase_model: base\nmodels:\n  - {model: m1, parameters: {gamma: 0.1}}\n"
      "  - {model: m2, parameters: {gamma: 0.2}}\n", r"models\[\*\].parameters.gamma: merge3's breadcrumbs takes one gamma"),
     ("merge_method: della\nbase_model: base\nmodels:\n  - {model: m1, parameters: {density: 0.9, epsilon: 0.2}}\n",

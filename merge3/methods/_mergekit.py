@@ -192,6 +192,9 @@ def per_model_params(method: MergeMethod, mergekit_name: str | None, per_model: 
             continue
         target = form.density if form is not None and key == "density" else key
         flip = form is not None and key == "density" and form.complement
+        if flip:
+            for i, value in enumerate(values):
+                check_complemented(method, target, value, f"models.{i}.parameters.density")
         values = [out.get(target) if v is None else (complement(v) if flip else v) for v in values]
         if None in values:
             raise Merge3Error(f"field 'models.{values.index(None)}.parameters.{key}' is missing")
@@ -206,6 +209,18 @@ def per_model_params(method: MergeMethod, mergekit_name: str | None, per_model: 
     return out
 
 
+def check_complemented(method: MergeMethod, target: str, value: Any, field: str) -> None:
+    """mergekit's DARE ``density`` checked in its own terms (it becomes merge3's ``drop_rate`` = 1 − density, whose
+    bounds would otherwise name a parameter the user never wrote)."""
+    bounds = method.params[target].bounds
+    low, high = 1.0 - bounds.high, 1.0 - bounds.low
+    numbers = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else [value]
+    for v in numbers:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not low - 1e-12 <= float(v) <= high + 1e-12:
+            raise Merge3Error(f"field '{field}': {v} is out of range [{low:g}, {high:g}] ({method.name} keeps this "
+                              "fraction of each task vector)")
+
+
 def per_model_keys(method: MergeMethod, mergekit_name: str | None) -> set[str]:
     """The parameters a config may give per model for this method."""
     keys = {"weight"} if "weights" in method.params else set()
@@ -218,5 +233,5 @@ def per_model_keys(method: MergeMethod, mergekit_name: str | None) -> set[str]:
     return keys
 
 
-__all__ = ["MergekitForm", "complement", "mergekit_config", "mergekit_methods", "override_of", "per_model_keys",
+__all__ = ["MergekitForm", "check_complemented", "complement", "mergekit_config", "mergekit_methods", "override_of", "per_model_keys",
            "per_model_params"]

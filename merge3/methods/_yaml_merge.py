@@ -36,7 +36,7 @@ from merge3._errors import Merge3Error, validation_message
 from merge3.methods._inputs import MergeInputs
 from merge3.models import plain
 from merge3.methods._kernels import Sink, run_method
-from merge3.methods._mergekit import mergekit_methods, per_model_keys, per_model_params
+from merge3.methods._mergekit import check_complemented, complement, mergekit_methods, per_model_keys, per_model_params
 from merge3.methods._params import is_layer_value, is_row_blocks, layer_positions
 from merge3.methods._registry import get_method, list_methods
 
@@ -108,7 +108,14 @@ def merge_params(config: MergeConfig) -> tuple[str, dict[str, Any]]:
         if key in _IGNORED:
             continue
         target = {"lambda": "scale", "weight": "weights"}.get(key, key)  # mergekit's names, accepted everywhere
-        params[target] = _layer_value(value, f"parameters.{key}")
+        value = _layer_value(value, f"parameters.{key}")
+        form = method.mergekit if from_mergekit else None
+        if key == "density" and form is not None and form.density and form.density != "density":
+            target = form.density  # DARE: mergekit's shared density is merge3's drop_rate = 1 − density
+            if form.complement:
+                check_complemented(method, target, value, "parameters.density")
+                value = complement(value)
+        params[target] = value
     allowed = per_model_keys(method, from_mergekit)
     per_model: dict[str, list[Any]] = {}
     for i, entry in enumerate(config.models):
