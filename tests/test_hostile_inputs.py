@@ -707,6 +707,12 @@ SEARCH = [
       files={"s.yaml": space(bank={"estimator": "gp-irt", "fitness": {"items": "adaptive", "soft": 1}})}),
     C("soft-without-the-mean-objective", "search s.yaml --runs-dir runs", "bank.fitness.soft adds a soft score to "
       "the 'mean' or a 'forget:<task>' objective", files={"s.yaml": space(objectives=["per_task"], bank={"fitness": {"soft": 1}})}),
+    C("endpoint-twice", "search s.yaml --runs-dir runs", "field 'models'", "endpoint '@a' is listed twice",
+      files={"s.yaml": space(models={"endpoints": ["@a", "@b", "@a"]})}),
+    C("base-as-an-endpoint", "search s.yaml --runs-dir runs", "field 'models'", "is also an endpoint",
+      files={"s.yaml": space(models={"endpoints": ["@a", "@base"]})}),
+    C("method-twice", "search s.yaml --runs-dir runs", "field 'genome.methods'", "'ties' is listed twice",
+      files={"s.yaml": space(genome={"methods": ["ties", "ties"]})}),
     C("endpoint-names-repeat", "search s.yaml --runs-dir runs", "field 'models'", "names gives 'x' twice",
       files={"s.yaml": space(models={"names": ["x", "x"]})}),
     C("seed-above-32-bits", "search s.yaml --runs-dir runs", "field 'seed'", "less than or equal to 4294967295",
@@ -1120,6 +1126,15 @@ def test_leaderboard_skips_a_corrupt_run_with_one_warning(damage, assets, runner
     assert snapshot(tmp_path) == before
 
 
+def test_a_run_named_twice_is_one_run_on_the_leaderboard(assets, runner, tmp_path):
+    shutil.copytree(assets["run"], tmp_path / "runs" / "good")
+    args = ["leaderboard", "--format", "csv", "--no-baselines"]
+    once = pd.read_csv(io.StringIO(runner([*args[:1], "runs/good", *args[1:]], tmp_path, {}).stdout))
+    out = runner([*args[:1], "runs/good", "runs", "./runs/good/", *args[1:]], tmp_path, {})
+    assert out.returncode == 0, out.stderr
+    assert len(pd.read_csv(io.StringIO(out.stdout))) == len(once) > 0
+
+
 # ---- runs under concurrent writers and signals (real processes) ---------------------------------------------------
 
 def _popen(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -1270,7 +1285,17 @@ def _jsonl(*rows: dict) -> str:
 
 
 MC = {"question": "2+2?", "choices": ["3", "4"], "answer": 1}
+def _bank_yaml_edit(change: Callable[[dict], dict]):
+    def setup(paths: dict, work: Path) -> None:
+        _bank_copy(paths, work)
+        spec = yaml.safe_load((work / "bank" / "bank.yaml").read_text())
+        (work / "bank" / "bank.yaml").write_text(yaml.safe_dump(change(spec)))
+    return setup
+
+
 BANKS = [
+    C("bank-yaml-task-twice", "eval @base --bank bank", "field 'tasks'", "task 'a' is listed twice",
+      setup=_bank_yaml_edit(lambda spec: {**spec, "tasks": ["a", "b", "a"]})),
     C("split-fraction-0", "bank split bank --test-fraction 0", "test_fraction must be in (0, 0.9], got 0.0",
       setup=_unsplit_bank),
     C("split-fraction-1.5", "bank split bank --test-fraction 1.5", "got 1.5", setup=_unsplit_bank),

@@ -40,7 +40,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from merge3._config import StrictConfig
 from merge3._errors import Merge3Error, validation_message
@@ -181,6 +181,14 @@ class BankSpec(StrictConfig):
     evaluator: EvaluatorSpec
     split: SplitSpec | None = None
     source: dict = Field(default_factory=dict)
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, tasks: list[str]) -> list[str]:
+        twice = next((t for t in tasks if tasks.count(t) > 1), None)
+        if twice is not None:
+            raise ValueError(f"task '{twice}' is listed twice")
+        return tasks
 
 
 _REQUIRED_COLUMNS = {

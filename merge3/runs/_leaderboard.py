@@ -43,7 +43,8 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
                      if p.is_dir() and (p / "run.json").is_file() and (p / "config.yaml").is_file()]
         else:
             raise Merge3Error(f"'{path}' is neither a run folder nor a folder of runs")
-    return runs
+    seen: set[Path] = set()  # a run named twice (itself and its folder, or two spellings) is one run on the board
+    return [r for r in runs if not (r.path.resolve() in seen or seen.add(r.path.resolve()))]
 
 
 def _methods(plan: list[dict]) -> str:

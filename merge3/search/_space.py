@@ -35,6 +35,12 @@ class ModelsConfig(StrictConfig):
         twice = next((n for n in self.names or [] if self.names.count(n) > 1), None)
         if twice is not None:
             raise ValueError(f"names gives '{twice}' twice: one distinct name per endpoint")
+        paths = [os.path.normpath(p) for p in self.endpoints]
+        again = next((p for p, q in zip(self.endpoints, paths) if paths.count(q) > 1), None)
+        if again is not None:  # its task vector would count twice under two genes: surely a slip
+            raise ValueError(f"endpoint '{again}' is listed twice")
+        if self.base is not None and os.path.normpath(self.base) in paths:
+            raise ValueError(f"the base '{self.base}' is also an endpoint (its task vector is zero)")
         return self
 
     def endpoint_names(self) -> list[str]:
@@ -168,6 +174,14 @@ class GenomeConfig(StrictConfig):
         if problem:
             raise ValueError(problem)
         return weights
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, methods: list[str]) -> list[str]:
+        twice = next((m for m in methods if methods.count(m) > 1), None)
+        if twice is not None:
+            raise ValueError(f"'{twice}' is listed twice")
+        return methods
 
     @field_validator("fixed")
     @classmethod
