@@ -5,6 +5,7 @@ validated config cannot be changed afterwards (what was checked is what runs). `
 error into merge3's one line that names the field.
 """
 
+from collections.abc import Hashable, Iterable
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -21,6 +22,20 @@ Seed = Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=0, le=MAX_SEED)]
 # The most candidates one generation (or one calibration) builds: a typo such as 10**30 would otherwise fill memory
 # with genomes before anything is evaluated. pymoo and Optuna populations are tens to thousands.
 MAX_CANDIDATES = 100_000
+
+
+def first_repeat(values: Iterable[Hashable]) -> Hashable | None:
+    """The first value that comes a second time in ``values``, or None: for "'x' is listed twice" messages.
+
+    >>> first_repeat(["a", "b", "a"]), first_repeat([1, 2])
+    ('a', None)
+    """
+    seen = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
 
 
 class StrictConfig(BaseModel):
@@ -40,4 +55,4 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
-__all__ = ["MAX_CANDIDATES", "MAX_SEED", "Seed", "StrictConfig"]
+__all__ = ["MAX_CANDIDATES", "MAX_SEED", "Seed", "StrictConfig", "first_repeat"]

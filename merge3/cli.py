@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from merge3._config import MAX_CANDIDATES, MAX_SEED
+from merge3._config import MAX_CANDIDATES, MAX_SEED, first_repeat
 from merge3._errors import Merge3Error
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -443,7 +443,7 @@ def _distinct_names(text: str | None, paths, what: str) -> list[str]:
     empty = not all(n.strip() for n in names)
     if len(names) != len(paths) or empty:
         raise Merge3Error(f"{wanted}, got {len(names)} in {text!r}" + (" (one is empty)" if empty else ""))
-    twice = next((n for n in names if names.count(n) > 1), None)
+    twice = first_repeat(names)
     if twice is not None:
         raise Merge3Error(f"{wanted}: '{twice}' comes twice" + ("" if text else " (as a folder name)"))
     return names

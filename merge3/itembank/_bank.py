@@ -42,7 +42,7 @@ import pandas as pd
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from merge3._config import StrictConfig
+from merge3._config import StrictConfig, first_repeat
 from merge3._errors import Merge3Error, validation_message
 from merge3.models import read_yaml_mapping
 
@@ -185,7 +185,7 @@ class BankSpec(StrictConfig):
     @field_validator("tasks")
     @classmethod
     def _distinct(cls, tasks: list[str]) -> list[str]:
-        twice = next((t for t in tasks if tasks.count(t) > 1), None)
+        twice = first_repeat(tasks)
         if twice is not None:
             raise ValueError(f"task '{twice}' is listed twice")
         return tasks

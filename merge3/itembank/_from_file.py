@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
+from merge3._config import first_repeat
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank._bank import BankSpec, ItemBank, read_items, write_bank
 from merge3.models import plain, read_yaml_mapping
@@ -306,7 +307,7 @@ def _answer_index(answer, choices: list[str], where: str, names: Sequence[str] =
     if len(choices) < 2:
         raise Merge3Error(f"{where}: {len(choices)} choice(s); a multiple-choice item needs at least 2")
     stripped = [c.strip() for c in choices]
-    twice = next((c for c in stripped if stripped.count(c) > 1), None)
+    twice = first_repeat(stripped)
     if twice is not None:  # two identical choices: the item has no single right answer by log-likelihood
         raise Merge3Error(f"{where}: the choice {twice!r} is given twice")
     if isinstance(answer, (bool, np.bool_)):

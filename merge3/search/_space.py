@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from merge3._config import MAX_CANDIDATES, Seed, StrictConfig
+from merge3._config import MAX_CANDIDATES, Seed, StrictConfig, first_repeat
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank import ONLINE_ESTIMATORS
 from merge3.models import read_yaml_mapping
@@ -32,11 +32,11 @@ class ModelsConfig(StrictConfig):
     def _names_match(self):
         if self.names is not None and len(self.names) != len(self.endpoints):
             raise ValueError(f"names has {len(self.names)} entries for {len(self.endpoints)} endpoints")
-        twice = next((n for n in self.names or [] if self.names.count(n) > 1), None)
+        twice = first_repeat(self.names or [])
         if twice is not None:
             raise ValueError(f"names gives '{twice}' twice: one distinct name per endpoint")
         paths = [os.path.normpath(p) for p in self.endpoints]
-        again = next((p for p, q in zip(self.endpoints, paths) if paths.count(q) > 1), None)
+        again = first_repeat(paths)
         if again is not None:  # its task vector would count twice under two genes: surely a slip
             raise ValueError(f"endpoint '{again}' is listed twice")
         if self.base is not None and os.path.normpath(self.base) in paths:
@@ -178,7 +178,7 @@ class GenomeConfig(StrictConfig):
     @field_validator("methods")
     @classmethod
     def _distinct_methods(cls, methods: list[str]) -> list[str]:
-        twice = next((m for m in methods if methods.count(m) > 1), None)
+        twice = first_repeat(methods)
         if twice is not None:
             raise ValueError(f"'{twice}' is listed twice")
         return methods
