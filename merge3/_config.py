@@ -8,7 +8,7 @@ error into merge3's one line that names the field.
 from collections.abc import Hashable, Iterable
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def _not_a_boolean(value):
@@ -38,6 +38,17 @@ def first_repeat(values: Iterable[Hashable]) -> Hashable | None:
     return None
 
 
+def _no_repeats(values: list) -> list:
+    twice = first_repeat(values)
+    if twice is not None:
+        raise ValueError(f"'{twice}' is listed twice")
+    return values
+
+
+NoRepeats = AfterValidator(_no_repeats)
+"""A list field whose entries must be distinct: ``tasks: Annotated[list[str], NoRepeats]``."""
+
+
 class StrictConfig(BaseModel):
     """A frozen pydantic model that forbids unknown fields and non-finite numbers.
 
@@ -55,4 +66,4 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
-__all__ = ["MAX_CANDIDATES", "MAX_SEED", "Seed", "StrictConfig", "first_repeat"]
+__all__ = ["MAX_CANDIDATES", "MAX_SEED", "NoRepeats", "Seed", "StrictConfig", "first_repeat"]

@@ -1294,7 +1294,7 @@ def _bank_yaml_edit(change: Callable[[dict], dict]):
 
 
 BANKS = [
-    C("bank-yaml-task-twice", "eval @base --bank bank", "field 'tasks'", "task 'a' is listed twice",
+    C("bank-yaml-task-twice", "eval @base --bank bank", "field 'tasks'", "'a' is listed twice",
       setup=_bank_yaml_edit(lambda spec: {**spec, "tasks": ["a", "b", "a"]})),
     C("split-fraction-0", "bank split bank --test-fraction 0", "test_fraction must be in (0, 0.9], got 0.0",
       setup=_unsplit_bank),

@@ -40,9 +40,9 @@ from typing import Annotated, Literal, Union
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
-from merge3._config import StrictConfig, first_repeat
+from merge3._config import NoRepeats, StrictConfig
 from merge3._errors import Merge3Error, validation_message
 from merge3.models import read_yaml_mapping
 
@@ -175,20 +175,12 @@ class SplitSpec(StrictConfig):
 class BankSpec(StrictConfig):
     name: str
     description: str = ""
-    tasks: list[str] = Field(min_length=1)
+    tasks: Annotated[list[str], NoRepeats] = Field(min_length=1)
     items: str = "items.parquet"
     scoring: Literal["accuracy"] = "accuracy"
     evaluator: EvaluatorSpec
     split: SplitSpec | None = None
     source: dict = Field(default_factory=dict)
-
-    @field_validator("tasks")
-    @classmethod
-    def _distinct(cls, tasks: list[str]) -> list[str]:
-        twice = first_repeat(tasks)
-        if twice is not None:
-            raise ValueError(f"task '{twice}' is listed twice")
-        return tasks
 
 
 _REQUIRED_COLUMNS = {

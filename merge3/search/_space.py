@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from merge3._config import MAX_CANDIDATES, Seed, StrictConfig, first_repeat
+from merge3._config import MAX_CANDIDATES, NoRepeats, Seed, StrictConfig, first_repeat
 from merge3._errors import Merge3Error, validation_message
 from merge3.itembank import ONLINE_ESTIMATORS
 from merge3.models import read_yaml_mapping
@@ -154,7 +154,8 @@ class GenomeConfig(StrictConfig):
     """What evolves: per layer group, a method choice and that method's continuous parameters."""
 
     granularity: Literal[GRANULARITIES] = "block"  # type: ignore[valid-type]
-    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "tsv_merge"], min_length=1)
+    methods: Annotated[list[str], NoRepeats] = Field(default_factory=lambda: ["task_arithmetic", "ties", "tsv_merge"],
+                                                    min_length=1)
     weights: Range = Range(low=0.0, high=1.5)
     row_blocks: int = Field(1, ge=1, le=1024, description="weights per group and endpoint, one per block of rows")
     params: dict[str, Range] = Field(default_factory=dict, description="'method.param' → search range override")
@@ -174,14 +175,6 @@ class GenomeConfig(StrictConfig):
         if problem:
             raise ValueError(problem)
         return weights
-
-    @field_validator("methods")
-    @classmethod
-    def _distinct_methods(cls, methods: list[str]) -> list[str]:
-        twice = first_repeat(methods)
-        if twice is not None:
-            raise ValueError(f"'{twice}' is listed twice")
-        return methods
 
     @field_validator("fixed")
     @classmethod
