@@ -1137,9 +1137,15 @@ def test_a_run_named_twice_is_one_run_on_the_leaderboard(assets, runner, tmp_pat
 
 # ---- runs under concurrent writers and signals (real processes) ---------------------------------------------------
 
+def _interruptible() -> None:
+    """In the child before it runs: Ctrl-C as a terminal delivers it. A shell's background job (CI launched with
+    `&`) starts with SIGINT ignored, which every child inherits, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "merge3", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**ENV, **(env or {})}, cwd=cwd)
+                            text=True, env={**ENV, **(env or {})}, cwd=cwd, preexec_fn=_interruptible)
 
 
 def _candidates(generations: int) -> int:
